@@ -1,0 +1,66 @@
+"""The one logging setup of chunkstitch: structlog, JSON lines on stderr.
+
+Library code calls ``structlog.get_logger(__name__)`` and binds context
+(``completion_id``, ``partition``, ``offset``). Stdlib loggers (faust, mode, aiokafka)
+are routed through structlog's ``ProcessorFormatter`` so every line has one shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+__all__ = ["configure_logging", "get_logger"]
+
+_configured = False
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json", *, force: bool = False) -> None:
+    """Configure structlog and route stdlib logging through it (idempotent)."""
+    global _configured
+    if _configured and not force:
+        return
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Chatty third-party loggers: keep warnings and errors, drop per-message info.
+    for name in ("aiokafka", "kafka", "faust", "mode"):
+        logging.getLogger(name).setLevel(max(logging.getLevelName(level), logging.WARNING))
+    _configured = True
+
+
+def get_logger(name: str | None = None, **bound: Any) -> structlog.stdlib.BoundLogger:
+    """A structlog logger, optionally with context bound."""
+    logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)
+    return logger.bind(**bound) if bound else logger

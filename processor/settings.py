@@ -1,0 +1,104 @@
+"""The one settings object of chunkstitch (env prefix ``CHUNKSTITCH_``).
+
+Every process (worker, publisher, consumer, CLI, demo) builds its configuration from
+:class:`Settings`; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    """chunkstitch configuration, read from ``CHUNKSTITCH_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="CHUNKSTITCH_", extra="ignore")
+
+    # --- broker connection -------------------------------------------------------------
+    broker: str = Field(
+        default="127.0.0.1:9092",
+        description="Kafka bootstrap servers: 'host:port' or 'kafka://host:port', comma separated.",
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    # --- topics (names and partition counts; configs live in topics/) ------------------
+    topic_chunks: str = "chunkstitch.chunks"
+    topic_responses: str = "chunkstitch.responses"
+    topic_rollups: str = "chunkstitch.usage-rollups"
+    topic_deadletter: str = "chunkstitch.deadletter"
+    partitions: int = Field(default=6, ge=1, description="Partitions of the chunk topic.")
+    replication_factor: int = Field(default=1, ge=1)
+
+    # --- worker --------------------------------------------------------------------------
+    app_id: str = "chunkstitch"
+    web_port: int = 6066
+    web_host: str = "127.0.0.1"
+    data_dir: str = ".chunkstitch"
+    session_timeout_s: float = Field(
+        default=6.0, gt=0, description="Consumer group session timeout (short on the embedded broker)."
+    )
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    commit_interval_s: float = Field(default=1.0, gt=0)
+    batch_max: int = Field(default=500, ge=1, description="Records taken per batch by the agent.")
+    batch_within_s: float = Field(default=0.01, gt=0)
+
+    # --- completion detection ------------------------------------------------------------
+    usage_grace_s: float = Field(default=2.0, ge=0, description="Wait for usage after all choices finished.")
+    idle_timeout_s: float = Field(default=30.0, gt=0, description="Emit as incomplete after this idle time.")
+    max_lifetime_s: float = Field(default=600.0, gt=0)
+    max_chunks: int = Field(default=20_000, ge=1)
+    max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_record_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+    # --- publisher -------------------------------------------------------------------------
+    producer_acks: Literal["all", "1", "0"] = "all"
+    producer_linger_ms: int = Field(default=5, ge=0)
+    producer_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    producer_buffer_max: int = Field(default=10_000, ge=1, description="Chunks buffered before send blocks.")
+
+    # --- usage rollups ---------------------------------------------------------------------
+    rollup_late_grace_s: float = Field(default=300.0, ge=0)
+    metrics_label_cap: int = Field(default=200, ge=1)
+
+    # --- logging -------------------------------------------------------------------------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+
+    @field_validator("broker")
+    @classmethod
+    def _strip_scheme(cls, value: str) -> str:
+        hosts = [h.strip().removeprefix("kafka://") for h in value.split(",") if h.strip()]
+        if not hosts:
+            raise ValueError("CHUNKSTITCH_BROKER is empty; set it to host:port, e.g. 127.0.0.1:9092")
+        for host in hosts:
+            if ":" not in host:
+                raise ValueError(
+                    f"CHUNKSTITCH_BROKER entry {host!r} has no port; use host:port, e.g. {host}:9092"
+                )
+        return ",".join(hosts)
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        """Bootstrap servers as aiokafka wants them."""
+        return self.broker.split(",")
+
+    @property
+    def faust_broker(self) -> list[str]:
+        """Bootstrap servers as faust wants them (``kafka://host:port``)."""
+        return [f"kafka://{h}" for h in self.bootstrap_servers]
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, with explicit overrides (CLI flags) on top."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]

@@ -1,0 +1,139 @@
+"""The record contract of the chunk topic: Kafka record headers (all optional).
+
+A chunk record is ``key = completion id`` (UTF-8), ``value = the chunk JSON exactly as the
+provider sent it``. The publisher library adds these headers; a bare record with none of
+them (and even no key) is still accepted by the worker.
+
+End-of-stream marker: a record on the same key with an **empty value** and the
+``cs-end`` header holding the number of chunks the stream had (``cs-end-reason`` says why
+it ended: ``done`` when the gateway saw ``[DONE]``, ``closed`` when the upstream closed,
+``aborted`` when the gateway's own code failed mid-stream).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "HEADER_END",
+    "HEADER_END_REASON",
+    "HEADER_PROVIDER",
+    "HEADER_REROUTED",
+    "HEADER_SEQ",
+    "HEADER_STARTED_AT",
+    "HEADER_TENANT",
+    "EndReason",
+    "HeaderError",
+    "RecordMeta",
+    "decode_headers",
+    "encode_headers",
+]
+
+HEADER_SEQ = "cs-seq"
+"""0-based sequence number of the chunk within its stream (ASCII decimal)."""
+HEADER_END = "cs-end"
+"""On the end-of-stream marker only: the number of chunks in the stream (ASCII decimal)."""
+HEADER_END_REASON = "cs-end-reason"
+"""On the end-of-stream marker only: ``done`` | ``closed`` | ``aborted``."""
+HEADER_TENANT = "cs-tenant"
+HEADER_PROVIDER = "cs-provider"
+HEADER_STARTED_AT = "cs-started-at"
+"""When the gateway received the request: Unix epoch milliseconds (ASCII decimal)."""
+HEADER_REROUTED = "cs-rerouted"
+"""Set by the worker when it re-keys a bare (keyless) record: ``topic/partition/offset``."""
+
+EndReason = Literal["done", "closed", "aborted"]
+_END_REASONS: frozenset[str] = frozenset({"done", "closed", "aborted"})
+
+HeaderList = Sequence[tuple[str, bytes]]
+
+
+class HeaderError(ValueError):
+    """A chunkstitch header is present but malformed; the message names the header."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordMeta:
+    """The chunkstitch headers of one record, decoded."""
+
+    seq: int | None = None
+    end_count: int | None = None
+    end_reason: EndReason | None = None
+    tenant: str | None = None
+    provider: str | None = None
+    started_at_ms: int | None = None
+    rerouted_from: str | None = None
+
+    @property
+    def is_end_marker(self) -> bool:
+        return self.end_count is not None
+
+
+def _int(name: str, raw: bytes) -> int:
+    try:
+        value = int(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise HeaderError(f"header {name!r} must be an ASCII integer, got {raw[:40]!r}") from None
+    if value < 0:
+        raise HeaderError(f"header {name!r} must not be negative, got {value}")
+    return value
+
+
+def _text(name: str, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HeaderError(f"header {name!r} is not valid UTF-8") from None
+
+
+def decode_headers(headers: Iterable[tuple[str, bytes | None]] | None) -> RecordMeta:
+    """Decode the chunkstitch headers of a record; unknown headers are ignored.
+
+    Raises :class:`HeaderError` when a chunkstitch header is malformed.
+    """
+    seq = end_count = started = None
+    end_reason: EndReason | None = None
+    tenant = provider = rerouted = None
+    for name, raw in headers or ():
+        if raw is None or not name.startswith("cs-"):
+            continue
+        if name == HEADER_SEQ:
+            seq = _int(name, raw)
+        elif name == HEADER_END:
+            end_count = _int(name, raw)
+        elif name == HEADER_END_REASON:
+            text = _text(name, raw)
+            if text not in _END_REASONS:
+                raise HeaderError(f"header {name!r} must be one of done|closed|aborted, got {text!r}")
+            end_reason = text  # type: ignore[assignment]
+        elif name == HEADER_TENANT:
+            tenant = _text(name, raw) or None
+        elif name == HEADER_PROVIDER:
+            provider = _text(name, raw) or None
+        elif name == HEADER_STARTED_AT:
+            started = _int(name, raw)
+        elif name == HEADER_REROUTED:
+            rerouted = _text(name, raw)
+    return RecordMeta(seq, end_count, end_reason, tenant, provider, started, rerouted)
+
+
+def encode_headers(meta: RecordMeta) -> list[tuple[str, bytes]]:
+    """Encode :class:`RecordMeta` as Kafka record headers (only the fields that are set)."""
+    out: list[tuple[str, bytes]] = []
+    if meta.seq is not None:
+        out.append((HEADER_SEQ, str(meta.seq).encode()))
+    if meta.end_count is not None:
+        out.append((HEADER_END, str(meta.end_count).encode()))
+    if meta.end_reason is not None:
+        out.append((HEADER_END_REASON, meta.end_reason.encode()))
+    if meta.tenant:
+        out.append((HEADER_TENANT, meta.tenant.encode()))
+    if meta.provider:
+        out.append((HEADER_PROVIDER, meta.provider.encode()))
+    if meta.started_at_ms is not None:
+        out.append((HEADER_STARTED_AT, str(meta.started_at_ms).encode()))
+    if meta.rerouted_from is not None:
+        out.append((HEADER_REROUTED, meta.rerouted_from.encode()))
+    return out
