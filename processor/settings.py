@@ -46,7 +46,9 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     data_dir: str = ".chunkstitch"
     session_timeout_s: float = Field(
-        default=6.0, gt=0, description="Consumer group session timeout (short on the embedded broker)."
+        default=6.0,
+        gt=0,
+        description="Consumer group session timeout (short on the embedded broker).",
     )
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     commit_interval_s: float = Field(default=1.0, gt=0)
@@ -54,8 +56,12 @@ class Settings(BaseSettings):
     batch_within_s: float = Field(default=0.01, gt=0)
 
     # --- completion detection ------------------------------------------------------------
-    usage_grace_s: float = Field(default=2.0, ge=0, description="Wait for usage after all choices finished.")
-    idle_timeout_s: float = Field(default=30.0, gt=0, description="Emit as incomplete after this idle time.")
+    usage_grace_s: float = Field(
+        default=2.0, ge=0, description="Wait for usage after all choices finished."
+    )
+    idle_timeout_s: float = Field(
+        default=30.0, gt=0, description="Emit as incomplete after this idle time."
+    )
     max_lifetime_s: float = Field(default=600.0, gt=0)
     max_chunks: int = Field(default=20_000, ge=1)
     max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
@@ -65,7 +71,9 @@ class Settings(BaseSettings):
     producer_acks: Literal["all", "1", "0"] = "all"
     producer_linger_ms: int = Field(default=5, ge=0)
     producer_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
-    producer_buffer_max: int = Field(default=10_000, ge=1, description="Chunks buffered before send blocks.")
+    producer_buffer_max: int = Field(
+        default=10_000, ge=1, description="Chunks buffered before send blocks."
+    )
 
     # --- usage rollups ---------------------------------------------------------------------
     rollup_late_grace_s: float = Field(default=300.0, ge=0)
@@ -80,11 +88,14 @@ class Settings(BaseSettings):
     def _strip_scheme(cls, value: str) -> str:
         hosts = [h.strip().removeprefix("kafka://") for h in value.split(",") if h.strip()]
         if not hosts:
-            raise ValueError("CHUNKSTITCH_BROKER is empty; set it to host:port, e.g. 127.0.0.1:9092")
+            raise ValueError(
+                "CHUNKSTITCH_BROKER is empty; set it to host:port, e.g. 127.0.0.1:9092"
+            )
         for host in hosts:
             if ":" not in host:
                 raise ValueError(
-                    f"CHUNKSTITCH_BROKER entry {host!r} has no port; use host:port, e.g. {host}:9092"
+                    f"CHUNKSTITCH_BROKER entry {host!r} has no port; "
+                    f"use host:port, e.g. {host}:9092"
                 )
         return ",".join(hosts)
 

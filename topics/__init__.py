@@ -2,6 +2,16 @@
 contract and message schemas. Imports no Kafka client.
 """
 
+from topics._chunk import (
+    AudioDelta,
+    ChatCompletionChunk,
+    ChunkChoice,
+    ChunkDelta,
+    ChunkLogprobs,
+    ChunkUsage,
+    FunctionDelta,
+    ToolCallDelta,
+)
 from topics._headers import (
     HEADER_END,
     HEADER_END_REASON,
@@ -16,6 +26,18 @@ from topics._headers import (
     decode_headers,
     encode_headers,
 )
+from topics._response import (
+    ChatCompletion,
+    ChunkstitchMeta,
+    CompletionChoice,
+    CompletionMessage,
+    CompletionUsage,
+    FunctionCall,
+    MessageAudio,
+    SourceRange,
+    Status,
+    ToolCall,
+)
 
 __all__ = [
     "HEADER_END",
@@ -25,9 +47,27 @@ __all__ = [
     "HEADER_SEQ",
     "HEADER_STARTED_AT",
     "HEADER_TENANT",
+    "AudioDelta",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChunkChoice",
+    "ChunkDelta",
+    "ChunkLogprobs",
+    "ChunkUsage",
+    "ChunkstitchMeta",
+    "CompletionChoice",
+    "CompletionMessage",
+    "CompletionUsage",
     "EndReason",
+    "FunctionCall",
+    "FunctionDelta",
     "HeaderError",
+    "MessageAudio",
     "RecordMeta",
+    "SourceRange",
+    "Status",
+    "ToolCall",
+    "ToolCallDelta",
     "decode_headers",
     "encode_headers",
 ]

@@ -106,7 +106,9 @@ def decode_headers(headers: Iterable[tuple[str, bytes | None]] | None) -> Record
         elif name == HEADER_END_REASON:
             text = _text(name, raw)
             if text not in _END_REASONS:
-                raise HeaderError(f"header {name!r} must be one of done|closed|aborted, got {text!r}")
+                raise HeaderError(
+                    f"header {name!r} must be one of done|closed|aborted, got {text!r}"
+                )
             end_reason = text  # type: ignore[assignment]
         elif name == HEADER_TENANT:
             tenant = _text(name, raw) or None

@@ -1,0 +1,142 @@
+"""Output wire models: the finished ``chat.completion`` chunkstitch emits (snake_case).
+
+The shape is OpenAI's ``chat.completion`` (a complete stream with standard finish reasons
+validates as ``openai.types.chat.ChatCompletion``) plus a top-level ``chunkstitch`` block
+of chunkstitch's own metadata. Provider extras are kept (``extra="allow"``).
+
+Deliberate differences from OpenAI, all documented in the README:
+
+* ``finish_reason`` is the *normalized* reason (``model_length`` -> ``length``); the raw
+  value is kept as ``raw_finish_reason`` when it differs. A choice that never finished has
+  ``finish_reason: null`` (never ``stop``) and the response status is ``incomplete``.
+* ``message.reasoning`` holds reasoning text (``reasoning`` and ``reasoning_content`` are
+  one field), ``message.reasoning_details`` OpenRouter's structured reasoning,
+  ``message.content_parts`` non-text content parts (Mistral references, images).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = [
+    "ChatCompletion",
+    "ChunkstitchMeta",
+    "CompletionChoice",
+    "CompletionMessage",
+    "CompletionUsage",
+    "FunctionCall",
+    "MessageAudio",
+    "SourceRange",
+    "Status",
+    "ToolCall",
+]
+
+Status = Literal["complete", "incomplete", "error"]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class FunctionCall(_Out):
+    name: str | None = None
+    arguments: str = ""
+
+
+class ToolCall(_Out):
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
+
+
+class MessageAudio(_Out):
+    id: str | None = None
+    data: str = ""
+    transcript: str = ""
+    expires_at: int | None = None
+
+
+class CompletionMessage(_Out):
+    role: str = "assistant"
+    content: str | None = None
+    refusal: str | None = None
+    reasoning: str | None = None
+    reasoning_details: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None
+    audio: MessageAudio | None = None
+    annotations: list[Any] | None = None
+    content_parts: list[Any] | None = None
+
+
+class ChoiceLogprobs(_Out):
+    content: list[Any] | None = None
+    refusal: list[Any] | None = None
+
+
+class CompletionChoice(_Out):
+    index: int
+    message: CompletionMessage
+    finish_reason: str | None = None
+    raw_finish_reason: str | None = None
+    native_finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class CompletionUsage(_Out):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: dict[str, Any] | None = None
+    completion_tokens_details: dict[str, Any] | None = None
+
+
+class SourceRange(BaseModel):
+    """Where the chunks came from (filled by the worker)."""
+
+    topic: str
+    partition: int
+    first_offset: int
+    last_offset: int
+
+
+class ChunkstitchMeta(BaseModel):
+    """chunkstitch's own metadata about how the response was assembled."""
+
+    status: Status
+    reason: str | None = None
+    chunk_count: int = 0
+    duplicates_dropped: int = 0
+    missing_chunks: int = 0
+    usage_reported: bool = False
+    # Filled by the worker (None when assembled offline by `chunkstitch assemble`):
+    tenant: str | None = None
+    provider: str | None = None
+    request_started_at_ms: int | None = None
+    first_chunk_at_ms: int | None = None
+    last_chunk_at_ms: int | None = None
+    time_to_first_chunk_ms: int | None = None
+    duration_ms: int | None = None
+    source: SourceRange | None = None
+
+
+class ChatCompletion(_Out):
+    """A finished ``chat.completion`` with chunkstitch's metadata block."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = 0
+    model: str = ""
+    choices: list[CompletionChoice] = []
+    usage: CompletionUsage | None = None
+    system_fingerprint: str | None = None
+    service_tier: str | None = None
+    provider: str | None = None
+    error: dict[str, Any] | None = None
+    chunkstitch: ChunkstitchMeta
+
+    def to_json(self) -> bytes:
+        """Canonical serialization (snake_case, nulls omitted): same content, same bytes."""
+        return self.model_dump_json(exclude_none=True).encode()
