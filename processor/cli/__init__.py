@@ -19,8 +19,14 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
+
+@app.callback()
+def _root() -> None:
+    """chunkstitch: reassemble streamed LLM chunks on Kafka into finished responses."""
+
+
 # Command modules register themselves on `app` when imported (one import per module).
-# (each helper adds: from processor.cli import _<command>  # noqa: E402,F401)
+from processor.cli import _assemble  # noqa: E402,F401
 
 
 def main() -> None:
