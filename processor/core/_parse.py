@@ -44,7 +44,7 @@ def parse_chunk(data: bytes | bytearray | str | dict[str, Any]) -> ChatCompletio
         kind = err["type"]
         if kind == "json_invalid":
             raise ChunkRejected("not_json", f"not valid JSON: {err['msg']}") from None
-        if kind == "model_type" or not err["loc"]:
+        if not err["loc"]:
             raise ChunkRejected(
                 "not_an_object", 'a chunk must be a JSON object like {"id": ..., "choices": [...]}'
             ) from None
