@@ -134,21 +134,25 @@ class Assembler:
         if chunk.model:
             self._model = chunk.model  # the later, concrete model wins (Azure model router)
         top = self._top
-        for name in ("system_fingerprint", "service_tier", "provider"):
-            value = getattr(chunk, name)
-            if value is not None and name not in top:
-                top[name] = value
+        if chunk.system_fingerprint is not None and "system_fingerprint" not in top:
+            top["system_fingerprint"] = chunk.system_fingerprint
+        if chunk.service_tier is not None and "service_tier" not in top:
+            top["service_tier"] = chunk.service_tier
+        if chunk.provider is not None and "provider" not in top:
+            top["provider"] = chunk.provider
         if chunk.error is not None:
             self._error = chunk.error
         if chunk.usage is not None:
             self._usage.apply(chunk.usage)
+        choices = self._choices
         for choice in chunk.choices:
-            state = self._choices.get(choice.index)
+            state = choices.get(choice.index)
             if state is None:
-                state = self._choices[choice.index] = ChoiceState(choice.index)
+                state = choices[choice.index] = ChoiceState(choice.index)
             state.apply(choice)
-        if chunk.model_extra:
-            for key, value in chunk.model_extra.items():
+        extra = chunk.__pydantic_extra__
+        if extra:
+            for key, value in extra.items():
                 if key not in _PADDING and value is not None:
                     self._extra[key] = value
 

@@ -163,9 +163,10 @@ class ChoiceState:
                 self.logprobs_content.extend(lp.content)
             if lp.refusal:
                 self.logprobs_refusal.extend(lp.refusal)
-        if choice.model_extra:
+        extra = choice.__pydantic_extra__
+        if extra:
             # content_filter_results, stop_reason (vLLM) ...: last value wins, never joined.
-            for key, value in choice.model_extra.items():
+            for key, value in extra.items():
                 if key != "p" and value is not None:
                     self.extra[key] = value
 
@@ -180,7 +181,8 @@ class ChoiceState:
                 self._apply_parts(content)
         if delta.refusal:
             self.refusal.append(delta.refusal)
-        self._apply_reasoning(delta.reasoning, delta.reasoning_content)
+        if delta.reasoning or delta.reasoning_content:
+            self._apply_reasoning(delta.reasoning, delta.reasoning_content)
         if delta.reasoning_details:
             self._apply_reasoning_details(delta.reasoning_details)
         if delta.tool_calls:
@@ -198,8 +200,9 @@ class ChoiceState:
                 if mark not in self.annotation_marks:
                     self.annotation_marks.add(mark)
                     self.annotations.append(item)
-        if delta.model_extra:
-            for key, value in delta.model_extra.items():
+        extra = delta.__pydantic_extra__
+        if extra:
+            for key, value in extra.items():
                 if key not in ("p", "obfuscation") and value is not None:
                     self.message_extra[key] = value
 
