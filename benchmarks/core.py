@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import time
 from collections.abc import Callable
 
@@ -52,21 +51,33 @@ def _openai(raws: list[bytes]) -> None:
     state.get_final_completion()
 
 
-def _rate(fn: Callable[[list[bytes]], None], raws: list[bytes], seconds: float) -> float:
-    """Best-of-5 chunks/second, each round bounded by ``seconds / 5``."""
-    rates = []
-    for _ in range(5):
-        n = 0
-        start = time.perf_counter()
-        deadline = start + seconds / 5
-        while True:
-            fn(raws)
-            n += 1
-            now = time.perf_counter()
-            if now >= deadline or n >= 10_000:
-                break
-        rates.append(n * len(raws) / (now - start))
-    return max(rates), statistics.median(rates)  # type: ignore[return-value]
+def _round(fn: Callable[[list[bytes]], None], raws: list[bytes], seconds: float) -> float:
+    """chunks/second of ``fn`` over ``raws``, repeated for about ``seconds`` (bounded)."""
+    n = 0
+    start = time.perf_counter()
+    while True:
+        fn(raws)
+        n += 1
+        now = time.perf_counter()
+        if now - start >= seconds or n >= 10_000:
+            return n * len(raws) / (now - start)
+
+
+IMPLS: dict[str, Callable[[list[bytes]], None]] = {
+    "floor": _floor,
+    "chunkstitch": _chunkstitch,
+    "openai": _openai,
+}
+
+
+def measure(raws: list[bytes], seconds: float, rounds: int = 5) -> dict[str, float]:
+    """Best rate per implementation; rounds interleave the implementations so that a noisy
+    neighbour slows all of them alike."""
+    best = dict.fromkeys(IMPLS, 0.0)
+    for _ in range(rounds):
+        for label, fn in IMPLS.items():
+            best[label] = max(best[label], _round(fn, raws, seconds / rounds))
+    return best
 
 
 def main(argv: list[str]) -> None:
@@ -80,14 +91,13 @@ def main(argv: list[str]) -> None:
             json.dumps(c).encode() for c in tool_stream("bench-c", 200, rng)
         ],
     }
+    header = ("stream", "floor c/s", "chunkstitch", "openai", "vs floor", "vs openai")
     print(
-        f"{'stream':<24}{'floor c/s':>12}{'chunkstitch':>13}{'openai':>11}{'vs floor':>10}{'vs openai':>11}"
+        f"{header[0]:<24}{header[1]:>12}{header[2]:>13}{header[3]:>11}{header[4]:>10}{header[5]:>11}"
     )
     for name, raws in cases.items():
-        results = {}
-        for label, fn in (("floor", _floor), ("chunkstitch", _chunkstitch), ("openai", _openai)):
-            print(f"  measuring {name} / {label} ...", end="\r", flush=True)
-            results[label] = _rate(fn, raws, args.seconds)[0]
+        print(f"  measuring {name} ({args.seconds:.0f}s per implementation) ...", flush=True)
+        results = measure(raws, args.seconds)
         print(
             f"{name:<24}{results['floor']:>12,.0f}{results['chunkstitch']:>13,.0f}"
             f"{results['openai']:>11,.0f}{results['chunkstitch'] / results['floor']:>9.2f}x"

@@ -8,9 +8,9 @@ and keeps fields it does not know (``extra="allow"``): nothing is dropped by val
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import AliasGenerator, BaseModel, BeforeValidator, ConfigDict
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 __all__ = [
@@ -25,27 +25,22 @@ __all__ = [
 ]
 
 
-def _int_from_number(value: Any) -> Any:
-    """Provider SDK examples send ``index: 7881.03`` and ``created: 6771.54``: truncate floats."""
-    if isinstance(value, float):
-        return int(value)
-    return value
+Int = int | float
+"""Provider SDK examples send ``index: 7881.03`` and ``created: 6771.54``; the assembler
+truncates such floats (a validator here would cost a Python call per field per chunk)."""
 
 
-Int = Annotated[int, BeforeValidator(_int_from_number)]
+def _either(name: str) -> Any:
+    """A multi-word field accepted as snake_case or camelCase (``finish_reason`` /
+    ``finishReason``). Explicit per field: a model-wide alias generator with
+    validate-by-name doubles the validation cost of every chunk."""
+    return Field(default=None, validation_alias=AliasChoices(name, to_camel(name)))
 
 
 class _Wire(BaseModel):
     """Base of every input model: snake_case or camelCase in, unknown fields kept."""
 
-    model_config = ConfigDict(
-        extra="allow",
-        alias_generator=AliasGenerator(validation_alias=to_camel),
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=False,
-        frozen=False,
-    )
+    model_config = ConfigDict(extra="allow")
 
 
 class FunctionDelta(_Wire):
@@ -71,7 +66,7 @@ class AudioDelta(_Wire):
     id: str | None = None
     data: str | None = None
     transcript: str | None = None
-    expires_at: int | None = None
+    expires_at: int | None = _either("expires_at")
 
 
 class ChunkDelta(_Wire):
@@ -82,10 +77,10 @@ class ChunkDelta(_Wire):
     content: str | list[Any] | None = None
     refusal: str | None = None
     reasoning: str | None = None
-    reasoning_content: str | None = None
-    reasoning_details: list[dict[str, Any]] | None = None
-    tool_calls: list[ToolCallDelta] | None = None
-    function_call: FunctionDelta | None = None
+    reasoning_content: str | None = _either("reasoning_content")
+    reasoning_details: list[dict[str, Any]] | None = _either("reasoning_details")
+    tool_calls: list[ToolCallDelta] | None = _either("tool_calls")
+    function_call: FunctionDelta | None = _either("function_call")
     audio: AudioDelta | None = None
     annotations: list[Any] | None = None
 
@@ -100,19 +95,19 @@ class ChunkChoice(_Wire):
 
     index: Int = 0
     delta: ChunkDelta | None = None
-    finish_reason: str | None = None
-    native_finish_reason: str | None = None
+    finish_reason: str | None = _either("finish_reason")
+    native_finish_reason: str | None = _either("native_finish_reason")
     logprobs: ChunkLogprobs | None = None
 
 
 class ChunkUsage(_Wire):
     """Token usage as reported by the provider (details and provider extras kept)."""
 
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    total_tokens: int | None = None
-    prompt_tokens_details: dict[str, Any] | None = None
-    completion_tokens_details: dict[str, Any] | None = None
+    prompt_tokens: int | None = _either("prompt_tokens")
+    completion_tokens: int | None = _either("completion_tokens")
+    total_tokens: int | None = _either("total_tokens")
+    prompt_tokens_details: dict[str, Any] | None = _either("prompt_tokens_details")
+    completion_tokens_details: dict[str, Any] | None = _either("completion_tokens_details")
 
 
 class ChatCompletionChunk(_Wire):
@@ -125,7 +120,7 @@ class ChatCompletionChunk(_Wire):
     model: str | None = None
     choices: list[ChunkChoice] = []
     usage: ChunkUsage | None = None
-    system_fingerprint: str | None = None
-    service_tier: str | None = None
+    system_fingerprint: str | None = _either("system_fingerprint")
+    service_tier: str | None = _either("service_tier")
     provider: str | None = None
     error: dict[str, Any] | None = None

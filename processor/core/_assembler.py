@@ -90,7 +90,7 @@ class Assembler:
         self._top: dict[str, Any] = {}  # system_fingerprint / service_tier / provider
         self._extra: dict[str, Any] = {}
         self._error: dict[str, Any] | None = None
-        self._choices: dict[int, ChoiceState] = {}
+        self._choices: dict[float, ChoiceState] = {}
         self._usage = _Usage()
         self._pending: dict[int, ChatCompletionChunk] = {}
         self._seen_seqs: set[int] = set()
@@ -130,7 +130,7 @@ class Assembler:
         if chunk.id and self._id is None:
             self._id = chunk.id
         if chunk.created is not None and self._created is None:
-            self._created = chunk.created
+            self._created = int(chunk.created)
         if chunk.model:
             self._model = chunk.model  # the later, concrete model wins (Azure model router)
         top = self._top
@@ -146,9 +146,10 @@ class Assembler:
             self._usage.apply(chunk.usage)
         choices = self._choices
         for choice in chunk.choices:
-            state = choices.get(choice.index)
+            index = choice.index
+            state = choices.get(index)
             if state is None:
-                state = choices[choice.index] = ChoiceState(choice.index)
+                state = choices[index] = ChoiceState(int(index))
             state.apply(choice)
         extra = chunk.__pydantic_extra__
         if extra:

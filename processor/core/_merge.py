@@ -44,9 +44,7 @@ def snake_keys(value: Any) -> Any:
     return value
 
 
-def _args_piece(arguments: str | dict[str, Any] | list[Any] | None) -> str | None:
-    if arguments is None or isinstance(arguments, str):
-        return arguments
+def _args_piece(arguments: dict[str, Any] | list[Any]) -> str:
     # Mistral sends complete arguments as a JSON object: serialize to the OpenAI string form.
     return json.dumps(arguments, ensure_ascii=False)
 
@@ -69,14 +67,15 @@ class _Call:
                 self.id = frag.id
             if frag.type and not self.type:
                 self.type = frag.type
-            if frag.model_extra:
-                self.extra.update(frag.model_extra)
+            extra = frag.__pydantic_extra__
+            if extra:
+                self.extra.update(extra)
         if fn is not None:
             if fn.name and not self.name:
                 self.name = fn.name
-            piece = _args_piece(fn.arguments)
-            if piece:
-                self.args.append(piece)
+            args = fn.arguments
+            if args:
+                self.args.append(args if isinstance(args, str) else _args_piece(args))
 
     def function_dict(self) -> dict[str, Any]:
         return {"name": self.name, "arguments": "".join(self.args)}
@@ -132,7 +131,7 @@ class ChoiceState:
         self.reasoning_details: dict[int, dict[str, Any]] = {}
         self.content_parts: list[Any] = []
         self.calls: list[_Call] = []
-        self.calls_by_index: dict[int, _Call] = {}
+        self.calls_by_index: dict[float, _Call] = {}
         self.last_call: _Call | None = None
         self.function_call: _Call | None = None
         self.audio_id: str | None = None
@@ -261,13 +260,14 @@ class ChoiceState:
 
     def _apply_tool_call(self, frag: ToolCallDelta) -> None:
         call: _Call | None
-        if frag.index is not None:
-            call = self.calls_by_index.get(frag.index)
+        index = frag.index
+        if index is not None:
+            call = self.calls_by_index.get(index)
             if call is not None and frag.id and call.id and frag.id != call.id:
                 call = None  # a new call reusing an index (Mistral sends every call at 0)
             if call is None:
                 call = self._new_call()
-                self.calls_by_index[frag.index] = call
+                self.calls_by_index[index] = call
         elif frag.id:
             call = next((c for c in self.calls if c.id == frag.id), None) or self._new_call()
         else:

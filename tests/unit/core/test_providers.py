@@ -77,8 +77,9 @@ def test_seed_example_values_from_provider_pages() -> None:
             "object": "chat.completion.chunk",
         }
     )
-    assert chunk.choices[0].index == 7881
-    assert chunk.created == 6771
+    resp = assemble_many([chunk])[0]
+    assert resp.choices[0].index == 7881
+    assert resp.created == 6771
     mistral = parse_chunk(
         {
             "id": "<id>",
