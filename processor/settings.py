@@ -74,6 +74,16 @@ class Settings(BaseSettings):
     producer_buffer_max: int = Field(
         default=10_000, ge=1, description="Chunks buffered before send blocks."
     )
+    producer_buffer_wait_s: float = Field(
+        default=0.5, ge=0, description="Longest a send waits for room in a full buffer."
+    )
+    producer_request_timeout_ms: int = Field(default=10_000, ge=100)
+    connect_timeout_s: float = Field(
+        default=5.0, gt=0, description="Publisher/consumer give up reaching the broker after this."
+    )
+    consumer_dedupe_window: int = Field(
+        default=10_000, ge=0, description="Completion ids remembered to drop duplicates."
+    )
 
     # --- usage rollups ---------------------------------------------------------------------
     rollup_late_grace_s: float = Field(default=300.0, ge=0)
