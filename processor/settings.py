@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from topics import TopicNames
+
 __all__ = ["Settings", "get_settings"]
 
 
@@ -37,6 +39,7 @@ class Settings(BaseSettings):
     topic_responses: str = "chunkstitch.responses"
     topic_rollups: str = "chunkstitch.usage-rollups"
     topic_deadletter: str = "chunkstitch.deadletter"
+    topic_ledger: str = "chunkstitch.ledger"
     partitions: int = Field(default=6, ge=1, description="Partitions of the chunk topic.")
     replication_factor: int = Field(default=1, ge=1)
 
@@ -113,6 +116,37 @@ class Settings(BaseSettings):
     def bootstrap_servers(self) -> list[str]:
         """Bootstrap servers as aiokafka wants them."""
         return self.broker.split(",")
+
+    def topic_names(self) -> TopicNames:
+        """The configured topic names and partition count, for :func:`topics.topic_specs`."""
+        return TopicNames(
+            chunks=self.topic_chunks,
+            responses=self.topic_responses,
+            rollups=self.topic_rollups,
+            deadletter=self.topic_deadletter,
+            ledger=self.topic_ledger,
+            partitions=self.partitions,
+        )
+
+    def kafka_kwargs(self) -> dict[str, object]:
+        """Connection keyword arguments for aiokafka clients (bootstrap, SASL, TLS)."""
+        kwargs: dict[str, object] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+            kwargs["sasl_plain_username"] = self.sasl_username
+            kwargs["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            kwargs["ssl_context"] = create_ssl_context(
+                cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile
+            )
+        return kwargs
 
     @property
     def faust_broker(self) -> list[str]:

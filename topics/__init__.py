@@ -12,6 +12,7 @@ from topics._chunk import (
     FunctionDelta,
     ToolCallDelta,
 )
+from topics._deadletter import DeadLetter, DeadLetterReason
 from topics._headers import (
     HEADER_END,
     HEADER_END_REASON,
@@ -26,6 +27,7 @@ from topics._headers import (
     decode_headers,
     encode_headers,
 )
+from topics._registry import TopicNames, TopicSpec, topic_specs
 from topics._response import (
     ChatCompletion,
     ChunkstitchMeta,
@@ -58,6 +60,8 @@ __all__ = [
     "CompletionChoice",
     "CompletionMessage",
     "CompletionUsage",
+    "DeadLetter",
+    "DeadLetterReason",
     "EndReason",
     "FunctionCall",
     "FunctionDelta",
@@ -68,6 +72,9 @@ __all__ = [
     "Status",
     "ToolCall",
     "ToolCallDelta",
+    "TopicNames",
+    "TopicSpec",
     "decode_headers",
     "encode_headers",
+    "topic_specs",
 ]
