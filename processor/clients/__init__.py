@@ -1,0 +1,38 @@
+"""Client libraries for the two ends of chunkstitch.
+
+* :class:`Publisher` (gateway side): publishes every ``chat.completion.chunk`` of a
+  stream with the record contract (key, sequence numbers, end-of-stream marker).
+* :func:`tee_chunks` / :func:`tee_sse`: pass a stream through unchanged while publishing it.
+* :class:`Consumer` (downstream side): ``async for response in consumer`` over finished
+  ``topics.ChatCompletion`` responses, at-least-once, duplicates dropped.
+"""
+
+from processor.clients._consumer import Consumer, ConsumerStats, StartPosition
+from processor.clients._errors import (
+    BrokerUnavailable,
+    ClientError,
+    DeliveryError,
+    InvalidRecord,
+    PublishError,
+    UnknownTopic,
+)
+from processor.clients._publisher import ErrorCallback, Publisher, PublisherStats, StreamHandle
+from processor.clients._tee import tee_chunks, tee_sse
+
+__all__ = [
+    "BrokerUnavailable",
+    "ClientError",
+    "Consumer",
+    "ConsumerStats",
+    "DeliveryError",
+    "ErrorCallback",
+    "InvalidRecord",
+    "PublishError",
+    "Publisher",
+    "PublisherStats",
+    "StartPosition",
+    "StreamHandle",
+    "UnknownTopic",
+    "tee_chunks",
+    "tee_sse",
+]
