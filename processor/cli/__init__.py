@@ -26,7 +26,11 @@ def _root() -> None:
 
 
 # Command modules register themselves on `app` when imported (one import per module).
-from processor.cli import _assemble  # noqa: E402,F401
+from processor.cli import (  # noqa: E402
+    _assemble,  # noqa: F401
+    _consume,  # noqa: F401
+    _publish,  # noqa: F401
+)
 
 
 def main() -> None:

@@ -1,0 +1,153 @@
+"""``chunkstitch publish``: publish a chunk capture (JSON Lines or SSE) with the record contract."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO
+
+import typer
+
+from processor.cli import app
+
+__all__ = ["publish"]
+
+_READ_SIZE = 64 * 1024
+
+
+@app.command()
+def publish(
+    source: Annotated[
+        str, typer.Argument(help="A JSON Lines file or raw SSE capture; '-' reads stdin.")
+    ] = "-",
+    tenant: Annotated[str | None, typer.Option(help="Tenant header of every stream.")] = None,
+    provider: Annotated[str | None, typer.Option(help="Provider header of every stream.")] = None,
+    broker: Annotated[
+        str | None, typer.Option(help="host:port (default: CHUNKSTITCH_BROKER).")
+    ] = None,
+) -> None:
+    """Publish chunks to the chunk topic, one stream per completion id.
+
+    Interleaved completions are grouped by id; every chunk gets its sequence number and
+    every stream an end-of-stream marker (``done`` after ``data: [DONE]``, else
+    ``closed``). Bad lines are reported with their line number and not published; the
+    exit code is then 1.
+    """
+    from processor.settings import get_settings
+
+    settings = get_settings(broker=broker)
+    stream: BinaryIO
+    total: int | None = None
+    if source == "-":
+        stream = sys.stdin.buffer
+    else:
+        path = Path(source)
+        if not path.is_file():
+            typer.echo(
+                f"error: {source}: no such file; pass a JSON Lines or SSE file, or '-'", err=True
+            )
+            raise typer.Exit(2)
+        stream = path.open("rb")
+        total = path.stat().st_size
+    from processor.clients import ClientError
+
+    try:
+        with stream:
+            chunks, streams, bad = asyncio.run(
+                _run(settings, stream, total, tenant=tenant, provider=provider)
+            )
+    except ClientError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(
+        f"sent {chunks} chunk(s) in {streams} stream(s) to topic "
+        f"{settings.topic_chunks!r} at {settings.broker}"
+    )
+    if bad:
+        typer.echo(f"{bad} line(s) were not chunks and were not published (see above)", err=True)
+        raise typer.Exit(1)
+
+
+async def _run(
+    settings: Any,
+    stream: BinaryIO,
+    total: int | None,
+    *,
+    tenant: str | None,
+    provider: str | None,
+) -> tuple[int, int, int]:
+    import time
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from processor.clients import Publisher, StreamHandle
+    from processor.core import ChunkLineDecoder, Payload
+
+    decoder = ChunkLineDecoder()
+    handles: dict[str, StreamHandle] = {}
+    held: list[bytes] = []
+    last: StreamHandle | None = None
+    bad = 0
+    started = time.time()
+
+    async with Publisher(settings) as publisher:
+
+        async def take(items: list[Payload]) -> None:
+            nonlocal bad, last
+            for item in items:
+                if item.done:
+                    if last is not None:
+                        last.mark_done()
+                    continue
+                if item.error is not None:
+                    bad += 1
+                    typer.echo(f"line {item.lineno}: {item.error}", err=True)
+                    continue
+                try:
+                    obj = json.loads(item.data)
+                except ValueError as exc:
+                    bad += 1
+                    typer.echo(f"line {item.lineno}: not valid JSON: {exc}", err=True)
+                    continue
+                cid = obj.get("id") if isinstance(obj, dict) else None
+                if not isinstance(cid, str) or not cid:
+                    held.append(item.data)  # e.g. Azure's placeholder: precedes its completion
+                    continue
+                handle = handles.get(cid)
+                if handle is None:
+                    handle = handles[cid] = publisher.stream(
+                        tenant=tenant, provider=provider, request_started_at=started
+                    )
+                    for value in held:
+                        await handle.send(value)
+                    held.clear()
+                last = handle
+                await handle.send(item.data)
+
+        progress = Progress(
+            TextColumn("publishing"),
+            BarColumn(),
+            DownloadColumn(),
+            TextColumn("{task.fields[chunks]} chunks"),
+            transient=True,
+            disable=total is None or not sys.stderr.isatty(),
+            console=None,
+        )
+        with progress:
+            task = progress.add_task("publish", total=total, chunks=0)
+            while block := stream.read(_READ_SIZE):
+                await take(decoder.decode(block))
+                progress.update(task, advance=len(block), chunks=publisher.stats.chunks)
+            await take(decoder.flush())
+        if held:  # id-less chunks after the last completion started: they belong to it
+            target = last or publisher.stream(tenant=tenant, provider=provider)
+            for value in held:
+                await target.send(value)
+            if last is None:
+                await target.close()
+        for handle in handles.values():
+            await handle.close()
+        await publisher.flush()
+        return publisher.stats.chunks, len(handles), bad
