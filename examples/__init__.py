@@ -1,0 +1,1 @@
+"""Runnable examples of chunkstitch's client libraries."""
