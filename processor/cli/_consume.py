@@ -42,6 +42,7 @@ def consume(
 ) -> None:
     """Print finished chat.completion responses from the response topic."""
     from processor.clients import ClientError
+    from processor.logs import configure_logging
     from processor.settings import get_settings
 
     if status is not None and status not in ("complete", "incomplete", "error"):
@@ -51,6 +52,7 @@ def consume(
         )
         raise typer.Exit(2)
     settings = get_settings(broker=broker)
+    configure_logging(settings.log_level, settings.log_format)  # logs go to stderr
     try:
         asyncio.run(_run(settings, from_beginning, limit, timeout, tenant, status, json_out, group))
     except ClientError as exc:

@@ -35,9 +35,11 @@ def publish(
     ``closed``). Bad lines are reported with their line number and not published; the
     exit code is then 1.
     """
+    from processor.logs import configure_logging
     from processor.settings import get_settings
 
     settings = get_settings(broker=broker)
+    configure_logging(settings.log_level, settings.log_format)  # logs go to stderr
     stream: BinaryIO
     total: int | None = None
     if source == "-":

@@ -122,9 +122,16 @@ class Consumer:
         self._consumer.subscribe([self.topic], listener=_Listener(self))
 
     async def close(self) -> None:
-        """Commit what the caller finished with, then disconnect."""
+        """Commit what the caller finished with, then disconnect.
+
+        The response last yielded counts as finished (the caller closed normally, e.g.
+        after ``break``); leaving ``async with`` by an exception does not commit it.
+        """
         if self._consumer is None:
             return
+        if self._pending is not None:
+            self._mark_done(self._pending)
+            self._pending = None
         try:
             await self._commit(force=True)
         finally:
