@@ -7,6 +7,7 @@ import sys
 
 BENCHMARKS: dict[str, str] = {
     "core": "benchmarks.core",
+    "publisher": "benchmarks.publisher",
 }
 
 
