@@ -24,7 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from openai.types.chat import ChatCompletionChunk as OpenAIChunk
 
 from examples.gateway import GatewaySettings, create_app
-from processor.clients import BrokerUnavailable, Publisher, UnknownTopic
+from processor.clients import BrokerUnavailable, DeliveryError, Publisher, UnknownTopic
 from processor.core import assemble_many, parse_chunk
 from processor.settings import Settings
 from tests.helpers.fake_upstream import fake_chunks, fake_upstream_app, running_server
@@ -287,3 +287,41 @@ async def test_example_gateway_streams_unchanged_and_publishes_every_chunk(broke
     (response,) = assemble_many(parse_chunk(v) for _, v, _ in chunks)
     assert response.choices[0].message.content == "the quick brown fox"
     assert response.chunkstitch.status == "complete"
+
+
+def _oversize(cid: str) -> dict[str, Any]:
+    chunk = _words_stream(cid, ["x"])[2]
+    chunk["choices"][0]["delta"]["content"] = "x" * (2 * 1024 * 1024)  # > max request size
+    return chunk
+
+
+async def test_delivery_failure_reaches_the_error_callback_and_is_counted(broker: str) -> None:
+    settings = await _settings(broker)
+    errors = []
+    async with Publisher(settings, on_error=errors.append) as publisher:
+        async with publisher.stream() as s:
+            await s.send(_words_stream("cmpl-big", ["ok"])[1])
+            await s.send(_oversize("cmpl-big"))
+            await s.send(_words_stream("cmpl-big", ["ok"])[3])
+        await publisher.flush()
+    assert publisher.stats.failed == 1
+    assert publisher.stats.delivered == 3  # two chunks and the end marker
+    (error,) = errors
+    assert error.seq == 1
+    assert error.key == b"cmpl-big"
+    assert "cmpl-big" in str(error)
+    assert "MessageSizeTooLarge" in str(error)
+
+
+async def test_delivery_failure_is_raised_without_a_callback(broker: str) -> None:
+    settings = await _settings(broker)
+    publisher = Publisher(settings)
+    await publisher.start()
+    try:
+        async with publisher.stream() as s:
+            await s.send(_oversize("cmpl-big2"))
+        with pytest.raises(DeliveryError, match="not delivered"):
+            await publisher.flush()
+        assert publisher.stats.failed == 1
+    finally:
+        await publisher.stop()
