@@ -94,6 +94,9 @@ def create_app(
                 async for raw in body_iter:
                     yield raw
             finally:
+                # client gone or upstream failed: end the tee now (its end marker says
+                # aborted), not whenever the generator is garbage-collected
+                await body_iter.aclose()
                 await upstream.aclose()
 
         return StreamingResponse(relay(), media_type=media_type)

@@ -8,7 +8,7 @@ through a :class:`StreamHandle`. The end-of-stream marker is sent when the sourc
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from typing import Protocol, TypeVar
 
 from processor.clients._publisher import StreamHandle
@@ -23,7 +23,7 @@ class _ByteStream(Protocol):
     def aiter_bytes(self) -> AsyncIterator[bytes]: ...
 
 
-async def tee_chunks(source: AsyncIterable[T], stream: StreamHandle) -> AsyncIterator[T]:
+async def tee_chunks(source: AsyncIterable[T], stream: StreamHandle) -> AsyncGenerator[T, None]:
     """Yield every item of ``source`` (openai SDK ``ChatCompletionChunk`` objects, dicts,
     JSON strings) unchanged, publishing each one on ``stream``."""
     async with stream:
@@ -34,7 +34,7 @@ async def tee_chunks(source: AsyncIterable[T], stream: StreamHandle) -> AsyncIte
 
 async def tee_sse(
     source: _ByteStream | AsyncIterable[bytes], stream: StreamHandle
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Yield the raw bytes of an SSE response unchanged, publishing every ``data:`` chunk.
 
     ``source`` is an httpx streaming response (its ``aiter_bytes()`` is used) or any async

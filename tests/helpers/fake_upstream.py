@@ -56,7 +56,10 @@ def fake_chunks(
 
 
 def fake_upstream_app() -> Starlette:
-    """POST /v1/chat/completions: echoes the last user message word by word as SSE."""
+    """POST /v1/chat/completions: echoes the last user message word by word as SSE.
+
+    A message starting with ``hang`` stalls after two chunks.
+    """
     seen: list[dict[str, Any]] = []
 
     async def chat(request: Request) -> Response:
@@ -68,9 +71,13 @@ def fake_upstream_app() -> Starlette:
         if not payload.get("stream"):
             return JSONResponse({"id": cid, "object": "chat.completion", "choices": []})
 
+        hang = text.startswith("hang")  # stall after two chunks (client-disconnect tests)
+
         async def sse() -> AsyncIterator[bytes]:
             yield b": keep-alive\n\n"
-            for chunk in chunks:
+            for n, chunk in enumerate(chunks):
+                if hang and n == 2:
+                    await asyncio.sleep(30)  # bounded; the test disconnects long before
                 raw = f"data: {json.dumps(chunk)}\n\n".encode()
                 # split every event across two network writes to exercise the decoder
                 yield raw[: len(raw) // 2]

@@ -325,3 +325,31 @@ async def test_delivery_failure_is_raised_without_a_callback(broker: str) -> Non
         assert publisher.stats.failed == 1
     finally:
         await publisher.stop()
+
+
+async def test_example_gateway_client_disconnect_sends_an_aborted_marker(broker: str) -> None:
+    settings = await _settings(broker)
+    async with running_server(fake_upstream_app()) as upstream_url:
+        gateway = create_app(GatewaySettings(upstream_url=upstream_url + "/v1"), settings)
+        async with running_server(gateway) as gateway_url:
+            request = {
+                "model": "fake-model",
+                "stream": True,
+                "messages": [{"role": "user", "content": "hang on a moment"}],
+            }
+            async with (
+                httpx.AsyncClient(base_url=gateway_url, timeout=30) as client,
+                client.stream("POST", "/v1/chat/completions", json=request) as response,
+            ):
+                received = b""
+                async for piece in response.aiter_bytes():
+                    received += piece
+                    if received.count(b"\n\n") >= 3:  # keep-alive + two chunks
+                        break
+            # the client hung up mid-stream; the gateway must end the stream as aborted
+            records = await _read_all(settings, 3)
+    assert len(records) == 3
+    *chunks, end = records
+    assert [m.seq for _, _, m in chunks] == [0, 1]
+    assert end[2].end_reason == "aborted"
+    assert end[2].end_count == 2
