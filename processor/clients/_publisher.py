@@ -210,8 +210,11 @@ class Publisher:
                 "or `await publisher.start()`"
             )
         stats = self.stats
-        if stats.accepted - stats.delivered - stats.failed >= self._buffer_max:
-            await self._wait_for_space(key, seq)
+        if (
+            stats.accepted - stats.delivered - stats.failed >= self._buffer_max
+            and not await self._wait_for_space(key, seq)
+        ):
+            return  # reported to the error callback and counted
         stats.accepted += 1
         self._queue.append((key, value, headers, seq))
         wakeup = self._wakeup
@@ -219,7 +222,8 @@ class Publisher:
             self._wakeup = None
             wakeup.set_result(None)
 
-    async def _wait_for_space(self, key: bytes | None, seq: int | None) -> None:
+    async def _wait_for_space(self, key: bytes | None, seq: int | None) -> bool:
+        """Wait for room; False (after reporting the record as failed) when none came."""
         wait = self.settings.producer_buffer_wait_s
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._space_waiters.append(fut)
@@ -233,8 +237,9 @@ class Publisher:
             )
             self.stats.accepted += 1
             self._fail(exc, key, seq, reason="buffer_full")
-            self._raise_pending()
-            raise exc from None
+            self._raise_pending()  # no error callback: the caller gets the error
+            return False
+        return True
 
     async def _run(self) -> None:
         producer = self._producer

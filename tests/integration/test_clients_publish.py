@@ -353,3 +353,36 @@ async def test_example_gateway_client_disconnect_sends_an_aborted_marker(broker:
     assert [m.seq for _, _, m in chunks] == [0, 1]
     assert end[2].end_reason == "aborted"
     assert end[2].end_count == 2
+
+
+async def test_broker_dying_mid_stream_bounds_the_buffer_and_reports_every_loss(
+    tmp_path: Path,
+) -> None:
+    from processor.broker import EmbeddedBroker
+
+    own = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
+    try:
+        settings = (await _settings(own.bootstrap)).model_copy(
+            update={
+                "producer_buffer_max": 5,
+                "producer_buffer_wait_s": 0.2,
+                "producer_request_timeout_ms": 1500,
+            }
+        )
+        errors: list[DeliveryError] = []
+        publisher = Publisher(settings, on_error=errors.append)
+        await publisher.start()
+        own.stop()  # the broker dies while the gateway is streaming
+        chunks = _words_stream("cmpl-dead", ["w"] * 20)[1:]
+        async with publisher.stream() as s:
+            for chunk in chunks:
+                await s.send(chunk)  # never blocks longer than the buffer wait
+        await publisher.stop()
+    finally:
+        own.stop()
+    stats = publisher.stats
+    assert stats.delivered == 0
+    assert stats.failed == stats.accepted  # every chunk and the end marker: counted
+    assert len(errors) == stats.failed
+    assert any("buffer full" in str(e) for e in errors)
+    assert all(str(settings.broker) in str(e) for e in errors)
