@@ -386,3 +386,17 @@ async def test_broker_dying_mid_stream_bounds_the_buffer_and_reports_every_loss(
     assert len(errors) == stats.failed
     assert any("buffer full" in str(e) for e in errors)
     assert all(str(settings.broker) in str(e) for e in errors)
+
+
+async def test_publisher_at_a_silent_broker_gives_up_after_the_connect_timeout() -> None:
+    import socket
+
+    with socket.socket() as silent:  # accepts TCP connections, never answers Kafka
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        publisher = Publisher(Settings(broker=address, connect_timeout_s=1))
+        with pytest.raises(BrokerUnavailable) as info:
+            await asyncio.wait_for(publisher.start(), 30)  # bound: the test must not hang
+    assert address in str(info.value)
+    assert "no answer within 1 s" in str(info.value)
