@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     max_chunks: int = Field(default=20_000, ge=1)
     max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     max_record_bytes: int = Field(default=1024 * 1024, ge=1024)
+    emitted_memory_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="How long emitted completion ids are remembered (late chunks -> dead letters).",
+    )
+    tick_interval_s: float = Field(default=0.5, gt=0, description="Time-based detection period.")
 
     # --- publisher -------------------------------------------------------------------------
     producer_acks: Literal["all", "1", "0"] = "all"

@@ -28,8 +28,11 @@ def _root() -> None:
 # Command modules register themselves on `app` when imported (one import per module).
 from processor.cli import (  # noqa: E402
     _assemble,  # noqa: F401
+    _broker,  # noqa: F401
     _consume,  # noqa: F401
     _publish,  # noqa: F401
+    _topics,  # noqa: F401
+    _worker,  # noqa: F401
 )
 
 

@@ -6,6 +6,7 @@ No I/O, no clock, no logging: it never imports faust, aiokafka, structlog, ``os`
 
 from processor.core._assembler import Assembler
 from processor.core._decode import ChunkLineDecoder, Payload
+from processor.core._detect import Decision, DetectionPolicy, StreamClock, decide
 from processor.core._group import StreamGrouper, assemble_many
 from processor.core._merge import normalize_finish_reason
 from processor.core._parse import ChunkRejected, is_placeholder, parse_chunk
@@ -14,9 +15,13 @@ __all__ = [
     "Assembler",
     "ChunkLineDecoder",
     "ChunkRejected",
+    "Decision",
+    "DetectionPolicy",
     "Payload",
+    "StreamClock",
     "StreamGrouper",
     "assemble_many",
+    "decide",
     "is_placeholder",
     "normalize_finish_reason",
     "parse_chunk",

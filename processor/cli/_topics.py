@@ -1,0 +1,70 @@
+"""``chunkstitch topics create | list``: topics as code."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import typer
+
+from processor.cli import app
+
+__all__ = ["topics_app"]
+
+topics_app = typer.Typer(help="Create and inspect chunkstitch's topics (defined in topics/).")
+app.add_typer(topics_app, name="topics")
+
+Broker = Annotated[str | None, typer.Option(help="Kafka bootstrap host:port (CHUNKSTITCH_BROKER).")]
+
+
+def _table(states: list, title: str) -> None:  # type: ignore[type-arg]
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("topic", "role", "partitions", "state", "configs"):
+        table.add_column(column)
+    for st in states:
+        state = "created" if st.created else ("exists" if st.exists else "MISSING")
+        configs = ", ".join(f"{k}={v}" for k, v in st.spec.configs.items())
+        table.add_row(
+            st.spec.name, st.spec.role, str(st.partitions or st.spec.partitions), state, configs
+        )
+    Console().print(table)
+
+
+@topics_app.command("create")
+def create(broker: Broker = None) -> None:
+    """Create every missing topic with its configs (idempotent)."""
+    from processor.admin import create_topics
+    from processor.kafka import BrokerUnreachable
+    from processor.settings import get_settings
+
+    settings = get_settings(broker=broker)
+    try:
+        states = asyncio.run(create_topics(settings))
+    except BrokerUnreachable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    _table(states, f"chunkstitch topics on {settings.broker}")
+    if not all(s.exists for s in states):
+        typer.echo("error: some topics could not be created; see the table above", err=True)
+        raise typer.Exit(1)
+
+
+@topics_app.command("list")
+def list_(broker: Broker = None) -> None:
+    """Show chunkstitch's topics: partitions, configs, and whether they exist."""
+    from processor.admin import describe_topics
+    from processor.kafka import BrokerUnreachable
+    from processor.settings import get_settings
+
+    settings = get_settings(broker=broker)
+    try:
+        states = asyncio.run(describe_topics(settings))
+    except BrokerUnreachable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    _table(states, f"chunkstitch topics on {settings.broker}")
+    if not all(s.exists for s in states):
+        typer.echo("some topics are missing: run `chunkstitch topics create`", err=True)

@@ -1,0 +1,53 @@
+"""Prometheus metrics of the worker (``GET /metrics`` on its web port)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+__all__ = [
+    "CHUNKS",
+    "COMPLETIONS",
+    "DEAD_LETTERS",
+    "IN_FLIGHT",
+    "LAG",
+    "REGISTRY",
+    "REPLAY_SKIPPED",
+    "render",
+]
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+CHUNKS = Counter(
+    "chunkstitch_chunks_consumed", "Chunk records consumed by the worker.", registry=REGISTRY
+)
+COMPLETIONS = Counter(
+    "chunkstitch_completions_emitted",
+    "Finished responses emitted, by status and detection rule.",
+    ["status", "rule"],
+    registry=REGISTRY,
+)
+DEAD_LETTERS = Counter(
+    "chunkstitch_dead_letters",
+    "Records sent to the dead-letter topic, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+REPLAY_SKIPPED = Counter(
+    "chunkstitch_replay_skipped",
+    "Replayed chunks of completions already emitted (recognised via the ledger).",
+    registry=REGISTRY,
+)
+IN_FLIGHT = Gauge(
+    "chunkstitch_streams_in_flight", "Completions being assembled right now.", registry=REGISTRY
+)
+LAG = Gauge(
+    "chunkstitch_consumer_lag",
+    "Records between the last consumed offset and the partition end (per partition).",
+    ["partition"],
+    registry=REGISTRY,
+)
+
+
+def render() -> bytes:
+    """The Prometheus text exposition of every chunkstitch metric."""
+    return generate_latest(REGISTRY)

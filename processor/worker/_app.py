@@ -1,0 +1,198 @@
+"""The faust-streaming application: a thin shell around :class:`Stitcher`.
+
+One agent (concurrency 1) takes chunk records in batches (``take_events``), holds their
+acks (``message.incref()``), feeds them to the stitcher and lets it release them in offset
+order once the responses they produced are durable. A timer applies the time-based
+detection rules. Web views: ``/healthz``, ``/readyz``, ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, cast
+
+import faust
+from faust.web import Request, Response, View
+
+from processor import metrics
+from processor.logs import get_logger
+from processor.settings import Settings
+from processor.worker._stitcher import Record, Stitcher
+
+__all__ = ["PLUGINS", "create_app"]
+
+log = get_logger("chunkstitch.worker")
+
+Plugin = Callable[[faust.App, Settings], None]
+PLUGINS: list[Plugin] = []
+"""Extensions registered on every app the factory builds (``register(app, settings)``):
+the usage rollups add their agent and ``/usage`` view here."""
+
+
+def create_app(settings: Settings) -> faust.App:
+    """Build the worker's faust app from settings (no I/O until it is started)."""
+    worker_id = f"{socket.gethostname()}:{settings.web_port}:{os.getpid()}"
+    datadir = Path(settings.data_dir) / f"worker-{settings.web_port}"
+    datadir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        settings.app_id,
+        broker=settings.faust_broker,
+        broker_credentials=_credentials(settings),
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=True,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        datadir=str(datadir),
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        broker_commit_interval=settings.commit_interval_s,
+        consumer_auto_offset_reset="earliest",
+        stream_wait_empty=False,
+        topic_partitions=settings.partitions,
+        topic_disable_leader=False,
+        producer_acks=-1,
+        processing_guarantee="at_least_once",
+        table_standby_replicas=0,
+    )
+    chunks = app.topic(
+        settings.topic_chunks,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        internal=False,
+    )
+
+    async def send(
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        headers: list[tuple[str, bytes]] | None,
+    ) -> Awaitable[Any]:
+        fut: Awaitable[Any] = await app.producer.send(topic, key, value, partition, None, headers)
+        return fut
+
+    stitcher = Stitcher(settings, send, time.monotonic, worker_id)
+    app.stitcher = stitcher  # type: ignore[attr-defined]
+    state = {"assigned": False}
+
+    @app.agent(chunks, concurrency=1)
+    async def stitch(stream: faust.StreamT[bytes]) -> None:
+        consumer = app.consumer
+        batches = cast(Any, stream).take_events(settings.batch_max, settings.batch_within_s)
+        async for events in batches:
+            async with stitcher.lock:
+                for event in events:
+                    message = event.message
+                    message.incref()  # held: released in offset order by the stitcher
+                    record = Record(
+                        topic=message.topic,
+                        partition=message.partition,
+                        offset=message.offset,
+                        key=message.key,
+                        value=message.value,
+                        headers=list(message.headers or ()),
+                        timestamp_ms=int(message.timestamp * 1000) if message.timestamp else None,
+                    )
+                    await stitcher.handle(record, _releaser(message, consumer))
+                await stitcher.flush()
+
+    @app.timer(settings.tick_interval_s)  # type: ignore[untyped-decorator,unused-ignore]
+    async def tick() -> None:
+        async with stitcher.lock:
+            stitcher.tick()
+            await stitcher.flush()
+        _update_lag(app, settings)
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type,unused-ignore]
+    async def on_revoked(sender: Any, revoked: set[Any], **kwargs: Any) -> None:
+        async with stitcher.lock:
+            stitcher.revoke([tp.partition for tp in revoked if tp.topic == settings.topic_chunks])
+
+    @app.on_rebalance_complete.connect  # type: ignore[arg-type,unused-ignore]
+    async def on_rebalanced(sender: Any, **kwargs: Any) -> None:
+        state["assigned"] = True
+        log.info("rebalance complete", partitions=sorted(_assigned(app, settings)))
+
+    @app.page("/healthz")
+    class Healthz(View):
+        async def get(self, request: Request) -> Response:
+            return self.json({"status": "ok", "worker": worker_id})
+
+    @app.page("/readyz")
+    class Readyz(View):
+        async def get(self, request: Request) -> Response:
+            ready = bool(state["assigned"]) and not app.rebalancing
+            body = {
+                "ready": ready,
+                "partitions": sorted(_assigned(app, settings)),
+                "in_flight": sum(len(p.open) for p in stitcher.parts.values()),
+            }
+            return self.json(body, status=200 if ready else 503)
+
+    @app.page("/metrics")
+    class Metrics(View):
+        async def get(self, request: Request) -> Response:
+            return self.bytes(metrics.render(), content_type="text/plain; version=0.0.4")
+
+    for plugin in PLUGINS:
+        plugin(app, settings)
+    return app
+
+
+def _releaser(message: Any, consumer: Any) -> Callable[[], None]:
+    def release() -> None:
+        message.ack(consumer)
+
+    return release
+
+
+def _assigned(app: faust.App, settings: Settings) -> set[int]:
+    try:
+        return {
+            tp.partition for tp in app.consumer.assignment() if tp.topic == settings.topic_chunks
+        }
+    except Exception:  # the consumer is not started yet
+        return set()
+
+
+def _update_lag(app: faust.App, settings: Settings) -> None:
+    try:
+        consumer = app.consumer
+        for tp in consumer.assignment():
+            if tp.topic != settings.topic_chunks:
+                continue
+            highwater = consumer.highwater(tp)
+            position = consumer._last_offset.get(tp) if hasattr(consumer, "_last_offset") else None
+            if highwater is not None and position is not None:
+                metrics.LAG.labels(str(tp.partition)).set(max(highwater - position - 1, 0))
+    except Exception:  # metrics must never break the worker
+        return
+
+
+def _credentials(settings: Settings) -> Any:
+    if not settings.sasl_mechanism and settings.security_protocol == "PLAINTEXT":
+        return None
+    import ssl
+
+    ctx: ssl.SSLContext | None = None
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        ctx = ssl.create_default_context(cafile=settings.ssl_cafile)
+        if settings.ssl_certfile:
+            ctx.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
+    if settings.sasl_mechanism:
+        password = settings.sasl_password.get_secret_value() if settings.sasl_password else ""
+        return faust.SASLCredentials(
+            username=settings.sasl_username or "",
+            password=password,
+            mechanism=settings.sasl_mechanism,
+            ssl_context=ctx,
+        )
+    return faust.SSLCredentials(ctx)

@@ -1,0 +1,393 @@
+"""The worker's logic: records in, finished responses / dead letters / ledger out.
+
+Independent of faust: the agent hands it records with a ``release`` callback (acks the
+source message) and gives it a ``send`` function (produce, returning a delivery future).
+See docs/design.md, "Worker state design", for why acks are held and released in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from processor import metrics
+from processor.core import (
+    Assembler,
+    ChunkRejected,
+    DetectionPolicy,
+    StreamClock,
+    decide,
+    parse_chunk,
+)
+from processor.kafka import read_to_end
+from processor.logs import get_logger
+from processor.settings import Settings
+from topics import (
+    HEADER_REROUTED,
+    DeadLetter,
+    DeadLetterReason,
+    HeaderError,
+    RecordMeta,
+    SourceRange,
+    decode_headers,
+)
+
+__all__ = ["Record", "SendFn", "Stitcher"]
+
+log = get_logger("chunkstitch.worker")
+
+SendFn = Callable[
+    [str, bytes | None, bytes | None, int | None, list[tuple[str, bytes]] | None],
+    Awaitable[Awaitable[Any]],
+]
+"""``send(topic, key, value, partition, headers)`` -> awaitable delivery future."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+    timestamp_ms: int | None
+
+
+@dataclass(slots=True)
+class _Open:
+    """A completion being assembled."""
+
+    cid: str
+    asm: Assembler
+    clock: StreamClock
+    offsets: list[int]
+    first_ts: int | None
+    last_ts: int | None
+    tenant: str | None = None
+    provider: str | None = None
+    started_ms: int | None = None
+
+
+@dataclass(slots=True)
+class _Partition:
+    held: deque[tuple[int, Callable[[], None]]] = field(default_factory=deque)
+    done: set[int] = field(default_factory=set)
+    open: dict[str, _Open] = field(default_factory=dict)
+    ledger: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """completion id -> (last source offset, when it was emitted, worker clock)."""
+    loaded: bool = False
+
+
+@dataclass(slots=True)
+class _Emission:
+    partition: int
+    stream: _Open
+    body: bytes
+    status: str
+    rule: str
+
+
+class Stitcher:
+    """Per-partition assembly state, completion detection and emission."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        send: SendFn,
+        clock: Callable[[], float],
+        worker_id: str = "worker",
+    ) -> None:
+        self.settings = settings
+        self.send = send
+        self.clock = clock
+        self.worker_id = worker_id
+        self.policy = DetectionPolicy(
+            usage_grace_s=settings.usage_grace_s,
+            idle_timeout_s=settings.idle_timeout_s,
+            max_lifetime_s=settings.max_lifetime_s,
+            max_chunks=settings.max_chunks,
+            max_bytes=settings.max_bytes,
+        )
+        self.parts: dict[int, _Partition] = {}
+        self._emit: list[_Emission] = []
+        self._side: list[tuple[int, int, Awaitable[Awaitable[Any]]]] = []
+        """(partition, offset, pending send) of dead letters and re-routes in this round."""
+        self.lock = asyncio.Lock()
+
+    # -- partitions -----------------------------------------------------------------------
+    async def _partition(self, partition: int) -> _Partition:
+        part = self.parts.get(partition)
+        if part is None:
+            part = self.parts[partition] = _Partition()
+        if not part.loaded:
+            await self._load_ledger(partition, part)
+        return part
+
+    async def _load_ledger(self, partition: int, part: _Partition) -> None:
+        from aiokafka import TopicPartition
+
+        records = await read_to_end(
+            self.settings, [TopicPartition(self.settings.topic_ledger, partition)]
+        )
+        now = self.clock()
+        for rec in records:
+            if rec.key is None:
+                continue
+            cid = rec.key.decode("utf-8", "replace")
+            if rec.value is None:
+                part.ledger.pop(cid, None)
+            else:
+                part.ledger[cid] = (int(rec.value), now)
+        part.loaded = True
+        log.info("ledger loaded", partition=partition, entries=len(part.ledger))
+
+    def revoke(self, partitions: Sequence[int]) -> None:
+        """Forget revoked partitions: their new owner rebuilds them from the log."""
+        for partition in partitions:
+            part = self.parts.pop(partition, None)
+            if part is not None:
+                log.info("partition revoked", partition=partition, open=len(part.open))
+        self._update_gauge()
+
+    # -- records ------------------------------------------------------------------------
+    async def handle(self, rec: Record, release: Callable[[], None]) -> None:
+        """Take one record; its ack is held until everything it fed is durable."""
+        part = await self._partition(rec.partition)
+        part.held.append((rec.offset, release))
+        metrics.CHUNKS.inc()
+        try:
+            meta = decode_headers(rec.headers)
+        except HeaderError as exc:
+            self._dead(rec, "bad_header", str(exc))
+            return
+        value = rec.value or b""
+        if len(value) > self.settings.max_record_bytes:
+            self._dead(
+                rec,
+                "oversize",
+                f"record of {len(value)} bytes exceeds max_record_bytes="
+                f"{self.settings.max_record_bytes}",
+            )
+            return
+        cid = rec.key.decode("utf-8", "replace") if rec.key else None
+        if meta.is_end_marker and not value:
+            self._end_marker(part, rec, meta, cid)
+            return
+        try:
+            chunk = parse_chunk(value)
+        except ChunkRejected as exc:
+            self._dead(rec, exc.reason, str(exc), cid)  # type: ignore[arg-type]
+            return
+        if cid is None:
+            if not chunk.id:
+                self._dead(rec, "no_id", "record has no key and the chunk has no usable 'id'")
+                return
+            self._reroute(rec, chunk.id)
+            return
+        if cid in part.ledger:
+            last, _ = part.ledger[cid]
+            if rec.offset <= last:
+                metrics.REPLAY_SKIPPED.inc()
+                part.done.add(rec.offset)
+            else:
+                self._dead(rec, "late_chunk", f"completion {cid!r} was already emitted", cid)
+            return
+        stream = part.open.get(cid)
+        now = self.clock()
+        if stream is None:
+            stream = part.open[cid] = _Open(
+                cid,
+                Assembler(cid),
+                StreamClock(opened_at=now, last_chunk_at=now, sequenced=meta.seq is not None),
+                [],
+                rec.timestamp_ms,
+                rec.timestamp_ms,
+            )
+        self._note_meta(stream, meta)
+        stream.offsets.append(rec.offset)
+        stream.last_ts = rec.timestamp_ms if rec.timestamp_ms is not None else stream.last_ts
+        stream.clock.last_chunk_at = now
+        if not stream.asm.add(chunk, meta.seq, len(value)):
+            pass  # a duplicate: dropped by the assembler, counted in its metadata
+        if stream.asm.all_choices_finished and stream.clock.finished_at is None:
+            stream.clock.finished_at = now
+        self._check(rec.partition, part, stream, now)
+
+    def _note_meta(self, stream: _Open, meta: RecordMeta) -> None:
+        if meta.tenant and not stream.tenant:
+            stream.tenant = meta.tenant
+        if meta.provider and not stream.provider:
+            stream.provider = meta.provider
+        if meta.started_at_ms is not None and stream.started_ms is None:
+            stream.started_ms = meta.started_at_ms
+        if meta.seq is not None:
+            stream.clock.sequenced = True
+
+    def _end_marker(self, part: _Partition, rec: Record, meta: RecordMeta, cid: str | None) -> None:
+        if cid is None:
+            self._dead(rec, "orphan_end_marker", "end-of-stream marker without a key")
+            return
+        if cid in part.ledger:
+            part.done.add(rec.offset)  # the completion was emitted already: nothing to add
+            return
+        stream = part.open.get(cid)
+        if stream is None:
+            self._dead(
+                rec,
+                "orphan_end_marker",
+                f"end-of-stream marker for unknown completion {cid!r}",
+                cid,
+            )
+            return
+        self._note_meta(stream, meta)
+        stream.offsets.append(rec.offset)
+        stream.clock.end_count = meta.end_count
+        stream.clock.end_reason = meta.end_reason
+        self._check(rec.partition, part, stream, self.clock())
+
+    def _check(self, partition: int, part: _Partition, stream: _Open, now: float) -> None:
+        decision = decide(stream.asm, stream.clock, now, self.policy)
+        if decision is None:
+            return
+        response = stream.asm.finish(status=decision.status, reason=decision.reason)
+        meta = response.chunkstitch
+        meta.tenant = stream.tenant
+        meta.provider = stream.provider or response.provider
+        meta.request_started_at_ms = stream.started_ms
+        meta.first_chunk_at_ms = stream.first_ts
+        meta.last_chunk_at_ms = stream.last_ts
+        if stream.started_ms is not None and stream.first_ts is not None:
+            meta.time_to_first_chunk_ms = max(stream.first_ts - stream.started_ms, 0)
+        start = stream.started_ms if stream.started_ms is not None else stream.first_ts
+        if start is not None and stream.last_ts is not None:
+            meta.duration_ms = max(stream.last_ts - start, 0)
+        meta.source = SourceRange(
+            topic=self.settings.topic_chunks,
+            partition=partition,
+            first_offset=stream.offsets[0],
+            last_offset=stream.offsets[-1],
+        )
+        del part.open[stream.cid]
+        part.ledger[stream.cid] = (stream.offsets[-1], now)
+        self._emit.append(
+            _Emission(partition, stream, response.to_json(), meta.status, decision.rule)
+        )
+
+    def _dead(
+        self, rec: Record, reason: DeadLetterReason, message: str, cid: str | None = None
+    ) -> None:
+        letter = DeadLetter(
+            reason=reason,
+            message=message,
+            source_topic=rec.topic,
+            source_partition=rec.partition,
+            source_offset=rec.offset,
+            source_timestamp_ms=rec.timestamp_ms,
+            key_b64=DeadLetter.b64(rec.key),
+            value_b64=DeadLetter.b64(rec.value or b"") or "",
+            headers=[(k, base64.b64encode(v or b"").decode()) for k, v in rec.headers],
+            completion_id=cid,
+            worker=self.worker_id,
+        )
+        log.warning(
+            "dead letter",
+            reason=reason,
+            detail=message,
+            completion_id=cid,
+            partition=rec.partition,
+            offset=rec.offset,
+        )
+        metrics.DEAD_LETTERS.labels(reason).inc()
+        pending = self.send(
+            self.settings.topic_deadletter,
+            rec.key,
+            letter.model_dump_json().encode(),
+            None,
+            None,
+        )
+        self._side.append((rec.partition, rec.offset, pending))
+
+    def _reroute(self, rec: Record, cid: str) -> None:
+        headers = [
+            *rec.headers,
+            (HEADER_REROUTED, f"{rec.topic}/{rec.partition}/{rec.offset}".encode()),
+        ]
+        pending = self.send(rec.topic, cid.encode(), rec.value, None, headers)
+        self._side.append((rec.partition, rec.offset, pending))
+
+    # -- time ---------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Apply the time-based rules (idle timeout, usage grace, lifetime) to every stream."""
+        now = self.clock()
+        for partition, part in self.parts.items():
+            for stream in list(part.open.values()):
+                self._check(partition, part, stream, now)
+            horizon = now - self.settings.emitted_memory_s
+            if part.ledger and len(part.ledger) % 64 == 0:
+                for cid in [c for c, (_, at) in part.ledger.items() if at < horizon]:
+                    del part.ledger[cid]
+
+    # -- durability -----------------------------------------------------------------------
+    async def flush(self) -> None:
+        """Make this round's effects durable, then release source offsets in order."""
+        emissions, self._emit = self._emit, []
+        side, self._side = self._side, []
+        if not emissions and not side:
+            self.release()
+            return
+        deliveries = [
+            await self.send(
+                self.settings.topic_responses, e.stream.cid.encode(), e.body, None, None
+            )
+            for e in emissions
+        ]
+        side_deliveries = [await pending for _, _, pending in side]
+        await asyncio.gather(*deliveries, *side_deliveries)
+        ledger = [
+            await self.send(
+                self.settings.topic_ledger,
+                e.stream.cid.encode(),
+                str(e.stream.offsets[-1]).encode(),
+                e.partition,
+                None,
+            )
+            for e in emissions
+        ]
+        await asyncio.gather(*ledger)
+        for e in emissions:
+            metrics.COMPLETIONS.labels(e.status, e.rule).inc()
+            log.info(
+                "completion emitted",
+                completion_id=e.stream.cid,
+                partition=e.partition,
+                offset=e.stream.offsets[-1],
+                status=e.status,
+                rule=e.rule,
+                chunks=e.stream.asm.chunk_count,
+            )
+            part = self.parts.get(e.partition)
+            if part is not None:
+                part.done.update(e.stream.offsets)
+        for partition, offset, _ in side:
+            part = self.parts.get(partition)
+            if part is not None:
+                part.done.add(offset)
+        self.release()
+
+    def release(self) -> None:
+        """Ack every held record at the head of each partition whose work is done."""
+        for part in self.parts.values():
+            held, done = part.held, part.done
+            while held and held[0][0] in done:
+                offset, ack = held.popleft()
+                done.discard(offset)
+                ack()
+        self._update_gauge()
+
+    def _update_gauge(self) -> None:
+        metrics.IN_FLIGHT.set(sum(len(p.open) for p in self.parts.values()))
