@@ -82,6 +82,7 @@ async def _run(
 ) -> tuple[int, int, int]:
     import time
 
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
     from processor.clients import Publisher, StreamHandle
@@ -135,7 +136,7 @@ async def _run(
             TextColumn("{task.fields[chunks]} chunks"),
             transient=True,
             disable=total is None or not sys.stderr.isatty(),
-            console=None,
+            console=Console(stderr=True),
         )
         with progress:
             task = progress.add_task("publish", total=total, chunks=0)

@@ -271,3 +271,18 @@ async def test_tee_marks_aborted_when_the_client_goes_away() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert decode_headers(pub.records[-1][2]).end_reason == "aborted"
+
+
+async def test_tee_keeps_passing_bytes_through_when_publishing_fails() -> None:
+    class FailingPublisher(RecordingPublisher):
+        async def _put(self, key: Any, value: bytes, headers: Any, seq: int | None) -> None:
+            raise PublishError("broker gone")
+
+    wire = [f"data: {json.dumps(_chunk('p1', w))}\n\n".encode() for w in ("a", "b")]
+
+    async def source() -> AsyncIterator[bytes]:
+        for piece in wire:
+            yield piece
+
+    out = [raw async for raw in tee_sse(source(), FailingPublisher().stream())]
+    assert out == wire
