@@ -2,15 +2,12 @@
 -> response topic -> Consumer/CLI, compared with ``assemble_many`` on the same chunks.
 
 NEEDS THE WORKER (issue 5): every test here starts ``python -m processor worker`` as a
-subprocess and creates topics with ``python -m processor topics create``. When
-``processor.worker`` does not exist yet these tests are skipped with that reason; they are
-not done until they run.
+subprocess and creates topics with ``python -m processor topics create``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import socket
@@ -29,13 +26,7 @@ from processor.settings import Settings
 from tests.helpers.fake_upstream import fake_chunks
 from topics import ChatCompletion
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        importlib.util.find_spec("processor.worker") is None,
-        reason="needs the worker (issue 5): processor/worker does not exist yet",
-    ),
-]
+pytestmark = pytest.mark.integration
 
 # The worker's idle timeout is far longer than any wait in this file: an aborted stream
 # that arrives here was finished by its end marker, not by the timeout.
