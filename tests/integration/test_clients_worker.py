@@ -189,3 +189,41 @@ async def test_cli_publish_and_cli_consume_match_assemble(
     for local in assemble_many(parse_chunk(c) for c in chunks):
         _same_content(got[local.id], local)
         assert got[local.id].chunkstitch.tenant == "cli"
+
+
+async def test_example_gateway_to_worker_to_consumer(worker_env: dict[str, str]) -> None:
+    import httpx
+
+    from examples.gateway import GatewaySettings, create_app
+    from tests.helpers.fake_upstream import fake_upstream_app, running_server
+
+    settings = _settings(worker_env)
+    async with running_server(fake_upstream_app()) as upstream_url:
+        gateway = create_app(
+            GatewaySettings(upstream_url=upstream_url + "/v1", gateway_provider="fake"), settings
+        )
+        async with (
+            running_server(gateway) as gateway_url,
+            httpx.AsyncClient(base_url=gateway_url, timeout=30) as client,
+        ):
+            request = {
+                "model": "fake-model",
+                "stream": True,
+                "messages": [{"role": "user", "content": "through the whole pipeline"}],
+            }
+            response = await client.post(
+                "/v1/chat/completions", json=request, headers={"X-Tenant": "gw"}
+            )
+    assert response.status_code == 200
+    received = [
+        json.loads(event[6:])
+        for event in response.content.split(b"\n\n")
+        if event.startswith(b"data: {")
+    ]
+    cid = received[-1]["id"]
+    got = await asyncio.wait_for(_collect(settings, {cid}), 120)
+    (local,) = assemble_many(parse_chunk(c) for c in received)
+    _same_content(got[cid], local)
+    assert got[cid].choices[0].message.content == "through the whole pipeline"
+    assert got[cid].chunkstitch.tenant == "gw"
+    assert got[cid].chunkstitch.provider == "fake"
