@@ -129,8 +129,8 @@ class Assembler:
     def _apply(self, chunk: ChatCompletionChunk) -> None:
         if chunk.id and self._id is None:
             self._id = chunk.id
-        if chunk.created is not None and self._created is None:
-            self._created = int(chunk.created)
+        if chunk.created and self._created is None:
+            self._created = int(chunk.created)  # the first real one (placeholders send 0)
         if chunk.model:
             self._model = chunk.model  # the later, concrete model wins (Azure model router)
         top = self._top
