@@ -178,3 +178,26 @@ async def read_topic(
     finally:
         await consumer.stop()
     return out
+
+
+async def read_quiet(
+    settings: Settings, topic: str, *, quiet_s: float = 2.0, timeout_s: float = 60.0
+) -> list[tuple[bytes | None, bytes]]:
+    """Every record of ``topic`` from the beginning, until none arrived for ``quiet_s``."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=settings.broker, auto_offset_reset="earliest", group_id=None
+    )
+    await consumer.start()
+    out: list[tuple[bytes | None, bytes]] = []
+    deadline = time.monotonic() + timeout_s
+    last_new = time.monotonic()
+    try:
+        while time.monotonic() < deadline and time.monotonic() - last_new < quiet_s:
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                for rec in records:
+                    out.append((rec.key, rec.value))
+                    last_new = time.monotonic()
+    finally:
+        await consumer.stop()
+    return out
