@@ -81,7 +81,8 @@ async def test_two_workers_split_partitions_one_killed_other_takes_over(
         await asyncio.sleep(settings.session_timeout_s)  # let the group settle on two members
         parts_a = json.loads(first.get("/readyz"))["partitions"]
         parts_b = json.loads(second.get("/readyz"))["partitions"]
-        assert parts_a and parts_b, (parts_a, parts_b)
+        assert parts_a, parts_a
+        assert parts_b, parts_b
         assert not set(parts_a) & set(parts_b)
         await produce(settings, records[:half])
         await read_topic(settings, settings.topic_responses, until=10, timeout_s=30)
