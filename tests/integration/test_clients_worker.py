@@ -83,6 +83,9 @@ def worker_env(broker: str, tmp_path: Path) -> Iterator[dict[str, str]]:
             worker.kill()
             worker.wait()
         log.close()
+        # shown by pytest only when the test failed
+        print("--- worker log (tail) ---")
+        print((tmp_path / "worker.log").read_text(errors="replace")[-6000:])
 
 
 def _settings(env: dict[str, str]) -> Settings:
