@@ -286,3 +286,13 @@ async def test_tee_keeps_passing_bytes_through_when_publishing_fails() -> None:
 
     out = [raw async for raw in tee_sse(source(), FailingPublisher().stream())]
     assert out == wire
+
+
+async def test_request_started_at_accepts_a_datetime() -> None:
+    from datetime import UTC, datetime
+
+    pub = RecordingPublisher()
+    started = datetime(2024, 1, 1, tzinfo=UTC)
+    async with pub.stream(request_started_at=started) as s:
+        await s.send(_chunk("d1"))
+    assert decode_headers(pub.records[0][2]).started_at_ms == int(started.timestamp() * 1000)
