@@ -30,6 +30,7 @@ from processor.cli import (  # noqa: E402
     _assemble,  # noqa: F401
     _broker,  # noqa: F401
     _consume,  # noqa: F401
+    _demo,  # noqa: F401
     _publish,  # noqa: F401
     _topics,  # noqa: F401
     _worker,  # noqa: F401
