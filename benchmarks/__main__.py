@@ -7,6 +7,7 @@ import sys
 
 BENCHMARKS: dict[str, str] = {
     "core": "benchmarks.core",
+    "e2e": "benchmarks.e2e",
     "publisher": "benchmarks.publisher",
 }
 

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         gt=0,
         description="How long emitted completion ids are remembered (late chunks -> dead letters).",
     )
+    fetch_max_wait_ms: int = Field(
+        default=50,
+        ge=1,
+        description="Longest time a fetch waits for records (faust's default is 1500 ms).",
+    )
     tick_interval_s: float = Field(default=0.5, gt=0, description="Time-based detection period.")
 
     # --- publisher -------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from faust.web import Request, Response, View
 from processor import metrics
 from processor.logs import get_logger
 from processor.settings import Settings
+from processor.worker._fetch_wait import install_fetch_wait
 from processor.worker._stitcher import Record, Stitcher
 
 __all__ = ["PLUGINS", "create_app"]
@@ -38,6 +39,7 @@ def create_app(settings: Settings) -> faust.App:
     worker_id = f"{socket.gethostname()}:{settings.web_port}:{os.getpid()}"
     datadir = Path(settings.data_dir) / f"worker-{settings.web_port}"
     datadir.mkdir(parents=True, exist_ok=True)
+    install_fetch_wait(settings.fetch_max_wait_ms)
     app = faust.App(
         settings.app_id,
         broker=settings.faust_broker,

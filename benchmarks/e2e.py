@@ -1,0 +1,408 @@
+"""End to end on the embedded broker: what the worker costs next to its own floors.
+
+Measured in one run, each on a fresh embedded broker (Tansu keeps every record in memory):
+
+  (a) raw aiokafka consume-and-produce passthrough: the floor of any Python pipeline here;
+  (b) a plain faust agent forwarding every record unchanged: what faust costs by itself;
+  (c) the chunkstitch worker: full assembly, held acks, ledger, emission.
+
+Every variant is a separate process that starts on a topic preloaded with the same chunk
+records; throughput = records / (time from the process being ready to its last output).
+Then, for (c): latency from a stream's end marker being published to its response
+arriving at half of (c)'s peak load (p50/p99), worker memory with 10,000 streams in
+flight, and chunks/s at 20, 500 and 5,000 chunks per stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from processor.admin import create_topics
+from processor.broker import EmbeddedBroker, free_port
+from processor.settings import Settings
+from processor.synthetic import text_stream
+from topics import RecordMeta, encode_headers
+
+FAUST_PASSTHROUGH = """
+import faust, sys
+app = faust.App("bench-pass", broker="kafka://" + sys.argv[1], value_serializer="raw",
+                key_serializer="raw", web_port=int(sys.argv[4]), broker_session_timeout=3,
+                topic_partitions=4, consumer_auto_offset_reset="earliest")
+src = app.topic(sys.argv[2], value_type=bytes, key_type=bytes, internal=False)
+dst = app.topic(sys.argv[3], value_type=bytes, key_type=bytes, internal=False)
+
+@app.agent(src)
+async def forward(stream):
+    async for event in stream.events():
+        await dst.send(key=event.key, value=event.value)
+
+@app.page("/readyz")
+async def ready(web, request):
+    return web.json({"ready": bool(app.consumer.assignment())})
+
+if __name__ == "__main__":
+    sys.argv = [sys.argv[0], "worker", "-l", "warn", "--web-port", sys.argv[4]]
+    app.main()
+"""
+
+AIOKAFKA_PASSTHROUGH = """
+import asyncio, sys
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+async def main():
+    c = AIOKafkaConsumer(sys.argv[2], bootstrap_servers=sys.argv[1], group_id="bench-raw",
+                         auto_offset_reset="earliest", session_timeout_ms=3000)
+    p = AIOKafkaProducer(bootstrap_servers=sys.argv[1], acks="all", linger_ms=5)
+    await c.start(); await p.start()
+    print("ready", flush=True)
+    while True:
+        batch = await c.getmany(timeout_ms=200, max_records=1000)
+        recs = [r for part in batch.values() for r in part]
+        futs = [await p.send(sys.argv[3], r.value, key=r.key) for r in recs]
+        if futs:
+            await asyncio.gather(*futs)
+            await c.commit()
+asyncio.run(main())
+"""
+
+
+def _settings(broker: str, tmp: Path, **extra: Any) -> Settings:
+    values: dict[str, Any] = {
+        "broker": broker,
+        "app_id": f"bench-{random.randrange(1 << 30)}",
+        "partitions": 4,
+        "session_timeout_s": 3,
+        "heartbeat_interval_s": 0.5,
+        "idle_timeout_s": 10,
+        "data_dir": str(tmp / "data"),
+        "log_level": "WARNING",
+    }
+    values.update(extra)
+    return Settings(**values)
+
+
+def _records(
+    streams: int, chunks: int, seed: int
+) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+    """Sequenced text streams with end markers, about 50 streams live at a time."""
+    rng = random.Random(seed)
+    per = []
+    for i in range(streams):
+        cid = f"bench-{seed}-{i}"
+        recs = [
+            (cid.encode(), json.dumps(c).encode(), encode_headers(RecordMeta(seq=n, tenant="t")))
+            for n, c in enumerate(text_stream(cid, chunks, rng))
+        ]
+        recs.append(
+            (cid.encode(), b"", encode_headers(RecordMeta(end_count=len(recs), end_reason="done")))
+        )
+        per.append(recs)
+    out = []
+    live: list[int] = []
+    cursors = [0] * streams
+    nxt = 0
+    while live or nxt < streams:
+        while len(live) < 50 and nxt < streams:
+            live.append(nxt)
+            nxt += 1
+        i = rng.choice(live)
+        out.append(per[i][cursors[i]])
+        cursors[i] += 1
+        if cursors[i] == len(per[i]):
+            live.remove(i)
+    return out
+
+
+async def _preload(broker: str, topic: str, records: list[Any]) -> None:
+    p = AIOKafkaProducer(bootstrap_servers=broker, acks="all", linger_ms=20)
+    await p.start()
+    try:
+        futs = [await p.send(topic, v, key=k, headers=h) for k, v, h in records]
+        await asyncio.gather(*futs)
+    finally:
+        await p.stop()
+
+
+async def _count_until(broker: str, topic: str, n: int, timeout_s: float) -> float:
+    """Wait until ``n`` records are on ``topic``; the monotonic time the last one was seen."""
+    c = AIOKafkaConsumer(
+        topic, bootstrap_servers=broker, auto_offset_reset="earliest", group_id=None
+    )
+    await c.start()
+    seen = 0
+    last = time.monotonic()
+    deadline = last + timeout_s
+    try:
+        while seen < n and time.monotonic() < deadline:
+            batch = await c.getmany(timeout_ms=100, max_records=5000)
+            got = sum(len(r) for r in batch.values())
+            if got:
+                seen += got
+                last = time.monotonic()
+    finally:
+        await c.stop()
+    if seen < n:
+        raise TimeoutError(f"only {seen} of {n} records reached {topic} within {timeout_s}s")
+    return last
+
+
+def _wait_ready(
+    check: Callable[[], bool], proc: subprocess.Popen[bytes], timeout_s: float = 60
+) -> float:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"benchmark process exited with {proc.returncode}")
+        if check():
+            return time.monotonic()
+        time.sleep(0.05)
+    raise TimeoutError("benchmark process not ready")
+
+
+def _http_ready(port: int) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                return bool(json.loads(r.read()).get("ready"))
+        except Exception:
+            return False
+
+    return check
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        if value is not None and not hasattr(value, "get_secret_value"):
+            env[f"CHUNKSTITCH_{name.upper()}"] = str(value)
+    out = log.open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "processor", "worker"], env=env, stdout=out, stderr=out
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def run_variant(variant: str, streams: int, chunks: int, tmp: Path) -> dict[str, float]:
+    """Throughput of one variant on a fresh broker preloaded with the same workload."""
+    records = _records(streams, chunks, seed=1)
+    with EmbeddedBroker() as broker:
+        settings = _settings(broker.bootstrap, tmp, web_port=free_port())
+        asyncio.run(create_topics(settings))
+        asyncio.run(_preload(broker.bootstrap, settings.topic_chunks, records))
+        out_topic = settings.topic_responses
+        expected = len(records) if variant != "worker" else streams
+        if variant == "aiokafka":
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    AIOKAFKA_PASSTHROUGH,
+                    broker.bootstrap,
+                    settings.topic_chunks,
+                    out_topic,
+                ],
+                stdout=subprocess.PIPE,
+            )
+            assert proc.stdout is not None
+            proc.stdout.readline()
+            t0 = time.monotonic()
+        elif variant == "faust":
+            script = tmp / "faust_pass.py"
+            script.write_text(FAUST_PASSTHROUGH)
+            port = free_port()
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(script),
+                    broker.bootstrap,
+                    settings.topic_chunks,
+                    out_topic,
+                    str(port),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd=tmp,
+            )
+            t0 = _wait_ready(_http_ready(port), proc)
+        else:
+            proc = _worker(settings, tmp / "worker.log")
+            t0 = _wait_ready(_http_ready(settings.web_port), proc)
+        try:
+            t1 = asyncio.run(_count_until(broker.bootstrap, out_topic, expected, timeout_s=600))
+            rss = _rss_mb(proc.pid)
+        finally:
+            _stop(proc)
+    return {
+        "records": len(records),
+        "seconds": t1 - t0,
+        "rate": len(records) / (t1 - t0),
+        "rss_mb": rss,
+    }
+
+
+async def _paced_latency(
+    settings: Settings, rate: float, seconds: float, seed: int = 3
+) -> list[float]:
+    """Publish streams at ``rate`` chunks/s; per stream, end marker sent -> response seen."""
+    rng = random.Random(3)
+    n_streams = max(int(rate * seconds / 21), 10)
+    records = _records(n_streams, 20, seed=seed)
+    sent_at: dict[bytes, float] = {}
+    arrived: dict[bytes, float] = {}
+    c = AIOKafkaConsumer(
+        settings.topic_responses,
+        bootstrap_servers=settings.broker,
+        auto_offset_reset="latest",
+        group_id=None,
+    )
+    await c.start()
+    await asyncio.sleep(1)
+
+    async def reader() -> None:
+        while len(arrived) < n_streams:
+            batch = await c.getmany(timeout_ms=100)
+            now = time.monotonic()
+            for recs in batch.values():
+                for r in recs:
+                    arrived.setdefault(r.key, now)
+
+    task = asyncio.create_task(reader())
+    p = AIOKafkaProducer(bootstrap_servers=settings.broker, acks="all", linger_ms=1)
+    await p.start()
+    start = time.monotonic()
+    for i, (k, v, h) in enumerate(records):
+        due = start + i / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        fut = await p.send(settings.topic_chunks, v, key=k, headers=h)
+        if not v:
+            await fut
+            sent_at[k] = time.monotonic()
+    await p.stop()
+    try:
+        await asyncio.wait_for(task, timeout=60)
+    finally:
+        await c.stop()
+    del rng
+    return [arrived[k] - sent_at[k] for k in sent_at if k in arrived]
+
+
+def latency_and_memory(peak_rate: float, tmp: Path) -> dict[str, float]:
+    with EmbeddedBroker() as broker:
+        settings = _settings(
+            broker.bootstrap, tmp, web_port=free_port(), idle_timeout_s=300, max_lifetime_s=3000
+        )
+        asyncio.run(create_topics(settings))
+        proc = _worker(settings, tmp / "worker-lat.log")
+        try:
+            _wait_ready(_http_ready(settings.web_port), proc)
+            lat = asyncio.run(_paced_latency(settings, peak_rate / 2, seconds=10))
+            idle_rss = _rss_mb(proc.pid)
+            # 10,000 streams in flight: their first three chunks, no end.
+            rng = random.Random(9)
+            recs = []
+            for i in range(10_000):
+                cid = f"inflight-{i}"
+                for n, c in enumerate(text_stream(cid, 12, rng)[:3]):
+                    recs.append(
+                        (cid.encode(), json.dumps(c).encode(), encode_headers(RecordMeta(seq=n)))
+                    )
+            asyncio.run(_preload(broker.bootstrap, settings.topic_chunks, recs))
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{settings.web_port}/readyz", timeout=2
+                ) as r:
+                    if json.loads(r.read())["in_flight"] >= 10_000:
+                        break
+                time.sleep(0.5)
+            busy_rss = _rss_mb(proc.pid)
+        finally:
+            _stop(proc)
+    lat.sort()
+    return {
+        "p50_ms": statistics.median(lat) * 1000,
+        "p99_ms": lat[min(int(len(lat) * 0.99), len(lat) - 1)] * 1000,
+        "samples": len(lat),
+        "rss_idle_mb": idle_rss,
+        "rss_10k_mb": busy_rss,
+    }
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks e2e", description=__doc__)
+    parser.add_argument("--streams", type=int, default=1000, help="streams of 20 chunks")
+    parser.add_argument(
+        "--peak", type=float, default=None, help="skip (a)-(c); use this peak for the latency run"
+    )
+    args = parser.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="chunkstitch-bench-"))
+    results: dict[str, dict[str, float]] = {}
+    if args.peak:
+        lm = latency_and_memory(args.peak, tmp)
+        print(lm)
+        return
+    for variant, label in (
+        ("aiokafka", "(a) aiokafka passthrough"),
+        ("faust", "(b) faust forward"),
+        ("worker", "(c) chunkstitch worker"),
+    ):
+        print(f"measuring {label} on {args.streams * 22:,} records ...", flush=True)
+        results[variant] = run_variant(variant, args.streams, 20, tmp)
+        print(f"  {results[variant]['rate']:,.0f} records/s", flush=True)
+    a, b, c = (results[v]["rate"] for v in ("aiokafka", "faust", "worker"))
+    print(
+        f"\n| variant | records/s |\n|---|---:|\n| (a) aiokafka passthrough | {a:,.0f} |\n"
+        f"| (b) faust forward | {b:,.0f} |\n| (c) chunkstitch worker | {c:,.0f} |"
+    )
+    print(f"c/b = {c / b:.2f}   c/a = {c / a:.2f}")
+    print(
+        "\nmeasuring latency at half of (c)'s peak, and memory with 10,000 streams in flight ...",
+        flush=True,
+    )
+    lm = latency_and_memory(c, tmp)
+    print(
+        f"latency end marker -> response at {c / 2:,.0f} chunks/s: p50 {lm['p50_ms']:.1f} ms, "
+        f"p99 {lm['p99_ms']:.1f} ms ({lm['samples']:.0f} streams)"
+    )
+    print(
+        f"worker RSS: {lm['rss_idle_mb']:.0f} MB idle, "
+        f"{lm['rss_10k_mb']:.0f} MB with 10,000 streams in flight"
+    )
+    print("\nchunks/s by stream length (same total chunks):", flush=True)
+    total = args.streams * 20
+    for length in (20, 500, 5000):
+        n = max(total // length, 1)
+        r = run_variant("worker", n, length, tmp)
+        print(
+            f"  {length:>5} chunks/stream x {n:>4} streams: {r['rate']:,.0f} records/s", flush=True
+        )
