@@ -19,6 +19,7 @@ DeadLetterReason = Literal[
     "late_chunk",
     "orphan_end_marker",
     "undecodable",
+    "internal_error",
 ]
 
 

@@ -57,7 +57,7 @@ def create_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         stream_wait_empty=False,
         topic_partitions=settings.partitions,
-        topic_disable_leader=False,
+        topic_disable_leader=True,  # no leader-only work; one internal topic fewer
         producer_acks=-1,
         processing_guarantee="at_least_once",
         table_standby_replicas=0,

@@ -141,8 +141,16 @@ class Stitcher:
             cid = rec.key.decode("utf-8", "replace")
             if rec.value is None:
                 part.ledger.pop(cid, None)
-            else:
+                continue
+            try:
                 part.ledger[cid] = (int(rec.value), now)
+            except ValueError:
+                log.warning(
+                    "ignoring a ledger record that is not an offset",
+                    partition=partition,
+                    offset=rec.offset,
+                    value=rec.value[:40].decode("utf-8", "replace"),
+                )
         part.loaded = True
         log.info("ledger loaded", partition=partition, entries=len(part.ledger))
 
@@ -156,10 +164,20 @@ class Stitcher:
 
     # -- records ------------------------------------------------------------------------
     async def handle(self, rec: Record, release: Callable[[], None]) -> None:
-        """Take one record; its ack is held until everything it fed is durable."""
+        """Take one record; its ack is held until everything it fed is durable.
+
+        A record that makes the stitcher itself fail becomes an ``internal_error`` dead
+        letter: one bad record must never stop the worker."""
         part = await self._partition(rec.partition)
         part.held.append((rec.offset, release))
         metrics.CHUNKS.inc()
+        try:
+            self._handle(part, rec)
+        except Exception as exc:
+            log.exception("record failed", partition=rec.partition, offset=rec.offset)
+            self._dead(rec, "internal_error", f"{type(exc).__name__}: {exc}")
+
+    def _handle(self, part: _Partition, rec: Record) -> None:
         try:
             meta = decode_headers(rec.headers)
         except HeaderError as exc:
