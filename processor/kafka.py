@@ -49,6 +49,7 @@ async def read_to_end(
         enable_auto_commit=False,
         group_id=None,
         auto_offset_reset="earliest",
+        fetch_max_wait_ms=20,  # reading to a known end: never wait for new records
     )
     try:
         await consumer.start()

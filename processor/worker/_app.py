@@ -118,6 +118,10 @@ def create_app(settings: Settings) -> faust.App:
         async with stitcher.lock:
             stitcher.revoke([tp.partition for tp in revoked if tp.topic == settings.topic_chunks])
 
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type,unused-ignore]
+    async def on_assigned(sender: Any, assigned: set[Any], **kwargs: Any) -> None:
+        stitcher.preload([tp.partition for tp in assigned if tp.topic == settings.topic_chunks])
+
     @app.on_rebalance_complete.connect  # type: ignore[arg-type,unused-ignore]
     async def on_rebalanced(sender: Any, **kwargs: Any) -> None:
         state["assigned"] = True

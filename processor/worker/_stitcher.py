@@ -118,22 +118,60 @@ class Stitcher:
         self._side: list[tuple[int, int, Awaitable[Awaitable[Any]]]] = []
         """(partition, offset, pending send) of dead letters and re-routes in this round."""
         self.lock = asyncio.Lock()
+        self._loading: dict[int, asyncio.Task[None]] = {}
+        self._generation: dict[int, int] = {}
 
     # -- partitions -----------------------------------------------------------------------
     async def _partition(self, partition: int) -> _Partition:
-        part = self.parts.get(partition)
-        if part is None:
-            part = self.parts[partition] = _Partition()
-        if not part.loaded:
-            await self._load_ledger(partition, part)
-        return part
+        while True:
+            part = self.parts.get(partition)
+            if part is None:
+                part = self.parts[partition] = _Partition()
+            if part.loaded:
+                return part
+            # A load started before a revoke is discarded; then this starts a fresh one.
+            await (self._loading.get(partition) or self.preload([partition]))
 
-    async def _load_ledger(self, partition: int, part: _Partition) -> None:
+    def preload(self, partitions: Sequence[int]) -> asyncio.Task[None]:
+        """Start reading the ledger of newly assigned partitions (all in one pass); the
+        first record of a partition waits for it. Called on assignment so that this read
+        is not on the first completion's path."""
+        todo = [p for p in partitions if p not in self._loading and not self._loaded(p)]
+        generations = {p: self._generation.get(p, 0) for p in todo}
+        task = asyncio.ensure_future(self._load_ledgers(generations))
+        for p in todo:
+            self._loading[p] = task
+        return task
+
+    def _loaded(self, partition: int) -> bool:
+        part = self.parts.get(partition)
+        return part is not None and part.loaded
+
+    async def _load_ledgers(self, generations: dict[int, int]) -> None:
         from aiokafka import TopicPartition
 
-        records = await read_to_end(
-            self.settings, [TopicPartition(self.settings.topic_ledger, partition)]
-        )
+        partitions = list(generations)
+        try:
+            records = await read_to_end(
+                self.settings,
+                [TopicPartition(self.settings.topic_ledger, p) for p in partitions],
+            )
+        finally:
+            for p in partitions:
+                self._loading.pop(p, None)
+        by_partition: dict[int, list[Any]] = {p: [] for p in partitions}
+        for rec in records:
+            by_partition[rec.partition].append(rec)
+        for p, recs in by_partition.items():
+            if self._generation.get(p, 0) != generations[p]:
+                continue  # revoked while loading: a later assignment loads it afresh
+            part = self.parts.get(p)
+            if part is None:
+                part = self.parts[p] = _Partition()
+            if not part.loaded:
+                self._apply_ledger(p, part, recs)
+
+    def _apply_ledger(self, partition: int, part: _Partition, records: list[Any]) -> None:
         now = self.clock()
         for rec in records:
             if rec.key is None:
@@ -157,6 +195,7 @@ class Stitcher:
     def revoke(self, partitions: Sequence[int]) -> None:
         """Forget revoked partitions: their new owner rebuilds them from the log."""
         for partition in partitions:
+            self._generation[partition] = self._generation.get(partition, 0) + 1
             part = self.parts.pop(partition, None)
             if part is not None:
                 log.info("partition revoked", partition=partition, open=len(part.open))
