@@ -192,10 +192,7 @@ def _rss_mb(pid: int) -> float:
 
 
 def _worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        if value is not None and not hasattr(value, "get_secret_value"):
-            env[f"CHUNKSTITCH_{name.upper()}"] = str(value)
+    env = {**os.environ, **settings.to_env()}
     out = log.open("wb")
     return subprocess.Popen(
         [sys.executable, "-m", "processor", "worker"], env=env, stdout=out, stderr=out

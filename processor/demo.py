@@ -47,14 +47,6 @@ class _Aborted(Exception):
     """The demo gateway's own failure in the middle of a stream."""
 
 
-def _worker_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        if value is not None and not hasattr(value, "get_secret_value"):
-            env[f"CHUNKSTITCH_{name.upper()}"] = str(value)
-    return env
-
-
 def _ready(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as resp:
@@ -226,7 +218,7 @@ def run_demo(keep_logs: bool = False) -> DemoResult:
             log = (workdir / "worker.log").open("wb")
             worker = subprocess.Popen(
                 [sys.executable, "-m", "processor", "worker"],
-                env=_worker_env(settings),
+                env={**os.environ, **settings.to_env()},
                 stdout=log,
                 stderr=log,
             )

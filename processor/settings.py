@@ -128,6 +128,18 @@ class Settings(BaseSettings):
         """Bootstrap servers as aiokafka wants them."""
         return self.broker.split(",")
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``CHUNKSTITCH_*`` variables, to start a child process (worker)
+        with exactly this configuration. Secrets are included: never log the result."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"CHUNKSTITCH_{name.upper()}"] = str(value)
+        return env
+
     def topic_names(self) -> TopicNames:
         """The configured topic names and partition count, for :func:`topics.topic_specs`."""
         return TopicNames(

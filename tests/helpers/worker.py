@@ -49,15 +49,7 @@ def isolated_settings(broker: str, tmp_path: Path, **overrides: Any) -> Settings
 
 
 def env_for(settings: Settings, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        env[f"CHUNKSTITCH_{name.upper()}"] = str(value)
-    env.update(extra)
-    return env
+    return {**os.environ, **settings.to_env(), **extra}
 
 
 @dataclass
