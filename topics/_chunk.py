@@ -8,7 +8,7 @@ and keeps fields it does not know (``extra="allow"``): nothing is dropped by val
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -51,13 +51,18 @@ class FunctionDelta(_Wire):
     arguments: str | dict[str, Any] | list[Any] | None = None
 
 
-class ToolCallDelta(_Wire):
-    """A fragment of one tool call; ``index`` may be missing (some providers)."""
+class ToolCallDelta(TypedDict, total=False):
+    """The shape of one tool-call fragment; ``index`` may be missing (some providers).
 
-    index: Int | None = None
-    id: str | None = None
-    type: str | None = None
-    function: FunctionDelta | None = None
+    Fragments are validated as plain JSON objects (``delta.tool_calls: list[dict]``), not
+    as models: tool-call chunks are the most frequent chunks of agentic traffic, and two
+    nested models per fragment cost 1.3 us of its ~6 us validation. The assembler reads
+    the fields defensively (a wrong type is ignored, never concatenated)."""
+
+    index: int
+    id: str
+    type: str
+    function: dict[str, Any]
 
 
 class AudioDelta(_Wire):
@@ -79,7 +84,7 @@ class ChunkDelta(_Wire):
     reasoning: str | None = None
     reasoning_content: str | None = _either("reasoning_content")
     reasoning_details: list[dict[str, Any]] | None = _either("reasoning_details")
-    tool_calls: list[ToolCallDelta] | None = _either("tool_calls")
+    tool_calls: list[dict[str, Any]] | None = _either("tool_calls")
     function_call: FunctionDelta | None = _either("function_call")
     audio: AudioDelta | None = None
     annotations: list[Any] | None = None

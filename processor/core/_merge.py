@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-from topics._chunk import ChunkChoice, ChunkDelta, FunctionDelta, ToolCallDelta
+from topics._chunk import ChunkChoice, ChunkDelta, FunctionDelta
 
 __all__ = ["ChoiceState", "normalize_finish_reason", "snake_keys"]
 
@@ -61,21 +61,33 @@ class _Call:
         self.args: list[str] = []
         self.extra: dict[str, Any] = {}
 
-    def merge(self, frag: ToolCallDelta | None, fn: FunctionDelta | None) -> None:
-        if frag is not None:
-            if frag.id and not self.id:
-                self.id = frag.id
-            if frag.type and not self.type:
-                self.type = frag.type
-            extra = frag.__pydantic_extra__
-            if extra:
-                self.extra.update(extra)
-        if fn is not None:
-            if fn.name and not self.name:
-                self.name = fn.name
-            args = fn.arguments
-            if args:
-                self.args.append(args if isinstance(args, str) else _args_piece(args))
+    def merge_fragment(self, frag: dict[str, Any]) -> None:
+        """One tool-call fragment (a plain dict: see :class:`topics.ToolCallDelta`)."""
+        for key, value in frag.items():
+            if key == "function":
+                if isinstance(value, dict):
+                    self._merge_function(value.get("name"), value.get("arguments"))
+            elif key == "id":
+                if value and not self.id and isinstance(value, str):
+                    self.id = value
+            elif key == "type":
+                if value and not self.type and isinstance(value, str):
+                    self.type = value
+            elif key != "index" and value is not None:
+                self.extra[key] = value
+
+    def merge_function(self, fn: FunctionDelta) -> None:
+        """A legacy ``function_call`` fragment."""
+        self._merge_function(fn.name, fn.arguments)
+
+    def _merge_function(self, name: Any, args: Any) -> None:
+        if name and not self.name and isinstance(name, str):
+            self.name = name
+        if args:
+            if isinstance(args, str):
+                self.args.append(args)
+            elif isinstance(args, dict | list):
+                self.args.append(_args_piece(args))
 
     def function_dict(self) -> dict[str, Any]:
         return {"name": self.name, "arguments": "".join(self.args)}
@@ -190,7 +202,7 @@ class ChoiceState:
         if delta.function_call is not None:
             if self.function_call is None:
                 self.function_call = _Call()
-            self.function_call.merge(None, delta.function_call)
+            self.function_call.merge_function(delta.function_call)
         if delta.audio is not None:
             self._apply_audio(delta)
         if delta.annotations:
@@ -258,22 +270,25 @@ class ChoiceState:
                 elif name not in slot:
                     slot[name] = value  # type / format / id / index: first value kept
 
-    def _apply_tool_call(self, frag: ToolCallDelta) -> None:
+    def _apply_tool_call(self, frag: dict[str, Any]) -> None:
         call: _Call | None
-        index = frag.index
-        if index is not None:
+        index = frag.get("index")
+        fid = frag.get("id")
+        if not isinstance(fid, str):
+            fid = None
+        if isinstance(index, int | float) and not isinstance(index, bool):
             call = self.calls_by_index.get(index)
-            if call is not None and frag.id and call.id and frag.id != call.id:
+            if call is not None and fid and call.id and fid != call.id:
                 call = None  # a new call reusing an index (Mistral sends every call at 0)
             if call is None:
                 call = self._new_call()
                 self.calls_by_index[index] = call
-        elif frag.id:
-            call = next((c for c in self.calls if c.id == frag.id), None) or self._new_call()
+        elif fid:
+            call = next((c for c in self.calls if c.id == fid), None) or self._new_call()
         else:
             # No index and no id: continue the call being streamed, if there is one.
             call = self.last_call or self._new_call()
-        call.merge(frag, frag.function)
+        call.merge_fragment(frag)
         self.last_call = call
 
     def _new_call(self) -> _Call:
