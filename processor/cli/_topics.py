@@ -68,3 +68,32 @@ def list_(broker: Broker = None) -> None:
     _table(states, f"chunkstitch topics on {settings.broker}")
     if not all(s.exists for s in states):
         typer.echo("some topics are missing: run `chunkstitch topics create`", err=True)
+
+
+@topics_app.command("manifest")
+def manifest(
+    replicas: Annotated[int, typer.Option(help="Replication factor in production.")] = 3,
+    min_insync: Annotated[int, typer.Option(help="min.insync.replicas.")] = 2,
+    cluster: Annotated[str, typer.Option(help="Strimzi Kafka cluster name.")] = "chunkstitch",
+    output: Annotated[
+        str | None, typer.Option("-o", "--output", help="Write to this file.")
+    ] = None,
+) -> None:
+    """Print Strimzi KafkaTopic resources for every topic (generated from topics/)."""
+    from pathlib import Path
+
+    from processor.manifests import render_manifest
+    from processor.settings import get_settings
+
+    try:
+        text = render_manifest(
+            get_settings(), cluster=cluster, replicas=replicas, min_insync=min_insync
+        )
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if output:
+        Path(output).write_text(text)
+        typer.echo(f"wrote {output}", err=True)
+    else:
+        typer.echo(text, nl=False)
