@@ -111,7 +111,7 @@ def create_app(settings: Settings) -> faust.App:
         async with stitcher.lock:
             stitcher.tick()
             await stitcher.flush()
-        _update_lag(app, settings)
+        _update_lag(app, settings, stitcher)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type,unused-ignore]
     async def on_revoked(sender: Any, revoked: set[Any], **kwargs: Any) -> None:
@@ -169,16 +169,18 @@ def _assigned(app: faust.App, settings: Settings) -> set[int]:
         return set()
 
 
-def _update_lag(app: faust.App, settings: Settings) -> None:
+def _update_lag(app: faust.App, settings: Settings, stitcher: Stitcher) -> None:
+    """Consumer lag per partition: the fetch high watermark minus the next offset to take."""
     try:
         consumer = app.consumer
         for tp in consumer.assignment():
             if tp.topic != settings.topic_chunks:
                 continue
             highwater = consumer.highwater(tp)
-            position = consumer._last_offset.get(tp) if hasattr(consumer, "_last_offset") else None
-            if highwater is not None and position is not None:
-                metrics.LAG.labels(str(tp.partition)).set(max(highwater - position - 1, 0))
+            last = stitcher.last_offset.get(tp.partition)
+            if highwater is not None:
+                taken = last + 1 if last is not None else 0
+                metrics.LAG.labels(str(tp.partition)).set(max(highwater - taken, 0))
     except Exception:  # metrics must never break the worker
         return
 

@@ -120,6 +120,8 @@ class Stitcher:
         self.lock = asyncio.Lock()
         self._loading: dict[int, asyncio.Task[None]] = {}
         self._generation: dict[int, int] = {}
+        self.last_offset: dict[int, int] = {}
+        """Offset of the last record taken, per partition (for the lag gauge)."""
 
     # -- partitions -----------------------------------------------------------------------
     async def _partition(self, partition: int) -> _Partition:
@@ -209,6 +211,7 @@ class Stitcher:
         letter: one bad record must never stop the worker."""
         part = await self._partition(rec.partition)
         part.held.append((rec.offset, release))
+        self.last_offset[rec.partition] = rec.offset
         metrics.CHUNKS.inc()
         try:
             self._handle(part, rec)

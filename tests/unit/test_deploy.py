@@ -242,3 +242,23 @@ def test_settings_never_show_the_password() -> None:
     assert "s3cr3t-pw" not in repr(settings)
     assert "s3cr3t-pw" not in str(settings.model_dump())
     assert "s3cr3t-pw" not in settings.model_dump_json()
+
+
+def test_grafana_dashboard_queries_only_metrics_that_exist() -> None:
+    import re
+
+    from processor import metrics
+
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "chunkstitch.json").read_text())
+    exposed = {  # what the worker's /metrics exposes (counters gain `_total`)
+        f"{family.name}_total" if family.type == "counter" else family.name
+        for family in metrics.REGISTRY.collect()
+    }
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"chunkstitch_[a-z_]+", target["expr"])
+    }
+    assert queried
+    assert queried - exposed == set()
