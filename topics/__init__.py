@@ -40,6 +40,7 @@ from topics._response import (
     Status,
     ToolCall,
 )
+from topics._usage import LATENCY_BUCKETS_MS, UsageKey, UsageRollup, UsageTotals
 
 __all__ = [
     "HEADER_END",
@@ -49,6 +50,7 @@ __all__ = [
     "HEADER_SEQ",
     "HEADER_STARTED_AT",
     "HEADER_TENANT",
+    "LATENCY_BUCKETS_MS",
     "AudioDelta",
     "ChatCompletion",
     "ChatCompletionChunk",
@@ -74,6 +76,9 @@ __all__ = [
     "ToolCallDelta",
     "TopicNames",
     "TopicSpec",
+    "UsageKey",
+    "UsageRollup",
+    "UsageTotals",
     "decode_headers",
     "encode_headers",
     "topic_specs",

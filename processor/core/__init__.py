@@ -10,8 +10,19 @@ from processor.core._detect import Decision, DetectionPolicy, StreamClock, decid
 from processor.core._group import StreamGrouper, assemble_many
 from processor.core._merge import normalize_finish_reason
 from processor.core._parse import ChunkRejected, is_placeholder, parse_chunk
+from processor.core._usage import (
+    WINDOWS_MS,
+    combine,
+    contribution,
+    event_time_ms,
+    percentile,
+    result,
+    roll_up,
+    zero,
+)
 
 __all__ = [
+    "WINDOWS_MS",
     "Assembler",
     "ChunkLineDecoder",
     "ChunkRejected",
@@ -21,8 +32,15 @@ __all__ = [
     "StreamClock",
     "StreamGrouper",
     "assemble_many",
+    "combine",
+    "contribution",
     "decide",
+    "event_time_ms",
     "is_placeholder",
     "normalize_finish_reason",
     "parse_chunk",
+    "percentile",
+    "result",
+    "roll_up",
+    "zero",
 ]

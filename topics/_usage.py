@@ -1,0 +1,101 @@
+"""Usage rollup records: absolute totals per time window and dimensions.
+
+Published to the compacted rollup topic keyed by :meth:`UsageKey.record_key`, so any
+store can upsert them and re-publishing an update is harmless. Every measure is an
+integer (cost in nano-USD, durations in ms), so combining totals is exact and does not
+depend on order.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["LATENCY_BUCKETS_MS", "UsageKey", "UsageRollup", "UsageTotals"]
+
+LATENCY_BUCKETS_MS: tuple[int, ...] = (
+    10,
+    25,
+    50,
+    100,
+    250,
+    500,
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    30_000,
+    60_000,
+    120_000,
+)
+"""Upper bounds of the latency histogram buckets; one more bucket holds everything above."""
+
+
+class UsageKey(BaseModel):
+    """One bucket: a tumbling window and the dimensions."""
+
+    model_config = ConfigDict(frozen=True)
+
+    window_start_ms: int
+    window_ms: int
+    tenant: str
+    model: str
+    provider: str
+    status: str
+    late: bool = False
+    """Counted after the window's late-data grace had passed (kept apart, never dropped)."""
+
+    def record_key(self, source_partition: int | None = None) -> str:
+        """``window_start|window_ms|tenant|model|provider|status|late[|partition]``."""
+        parts = [
+            str(self.window_start_ms),
+            str(self.window_ms),
+            self.tenant,
+            self.model,
+            self.provider,
+            self.status,
+            "late" if self.late else "on-time",
+        ]
+        if source_partition is not None:
+            parts.append(str(source_partition))
+        return "|".join(parts)
+
+
+class UsageTotals(BaseModel):
+    """Additive measures of one bucket (all integers: exact and order-independent)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    requests: int = 0
+    complete: int = 0
+    incomplete: int = 0
+    error: int = 0
+    without_usage: int = 0
+    """Completions whose provider reported no usage: never guessed into the token sums."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_nano_usd: int = 0
+    with_cost: int = 0
+    ttfc_ms_buckets: tuple[int, ...] = Field(default=(0,) * (len(LATENCY_BUCKETS_MS) + 1))
+    duration_ms_buckets: tuple[int, ...] = Field(default=(0,) * (len(LATENCY_BUCKETS_MS) + 1))
+    rate_tokens: int = 0
+    """Completion tokens of completions with a known duration (for tokens per second)."""
+    rate_duration_ms: int = 0
+
+
+class UsageRollup(BaseModel):
+    """The record on the rollup topic: a bucket's key, its totals and derived figures."""
+
+    key: UsageKey
+    source_partition: int | None = None
+    totals: UsageTotals
+    ttfc_ms_p50: int | None = None
+    ttfc_ms_p95: int | None = None
+    ttfc_ms_p99: int | None = None
+    duration_ms_p50: int | None = None
+    duration_ms_p95: int | None = None
+    duration_ms_p99: int | None = None
+    output_tokens_per_s: float | None = None
+    cost_usd: float = 0.0
