@@ -12,6 +12,7 @@ __all__ = [
     "LAG",
     "REGISTRY",
     "REPLAY_SKIPPED",
+    "TOKENS",
     "render",
 ]
 
@@ -44,6 +45,15 @@ LAG = Gauge(
     "chunkstitch_consumer_lag",
     "Records between the last consumed offset and the partition end (per partition).",
     ["partition"],
+    registry=REGISTRY,
+)
+
+
+TOKENS = Counter(
+    "chunkstitch_tokens",
+    "Tokens of finished responses by tenant, model, provider and kind (prompt/completion); "
+    "label combinations beyond CHUNKSTITCH_METRICS_LABEL_CAP are counted as 'other'.",
+    ["tenant", "model", "provider", "kind"],
     registry=REGISTRY,
 )
 

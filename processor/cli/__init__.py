@@ -33,6 +33,7 @@ from processor.cli import (  # noqa: E402
     _demo,  # noqa: F401
     _publish,  # noqa: F401
     _topics,  # noqa: F401
+    _usage,  # noqa: F401
     _worker,  # noqa: F401
 )
 

@@ -29,7 +29,15 @@ __all__ = ["PLUGINS", "create_app"]
 log = get_logger("chunkstitch.worker")
 
 Plugin = Callable[[faust.App, Settings], None]
-PLUGINS: list[Plugin] = []
+
+
+def _usage_plugin(app: faust.App, settings: Settings) -> None:
+    from processor.usage import register
+
+    register(app, settings)
+
+
+PLUGINS: list[Plugin] = [_usage_plugin]
 """Extensions registered on every app the factory builds (``register(app, settings)``):
 the usage rollups add their agent and ``/usage`` view here."""
 

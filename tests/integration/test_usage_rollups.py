@@ -1,0 +1,92 @@
+"""Usage rollups on the real broker: exact under kill -9, served by /usage and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tests.helpers.worker import (
+    WorkerProcess,
+    env_for,
+    isolated_settings,
+    make_topics,
+    produce,
+    read_topic,
+)
+from tests.integration._streams import build_streams, wire
+
+
+def _usage_of(chunks: list[dict[str, Any]]) -> tuple[int, int]:
+    """Prompt and completion tokens of a stream, read straight off its chunks."""
+    prompt = completion = 0
+    for chunk in chunks:
+        usage = chunk.get("usage")
+        if usage:
+            prompt = usage.get("prompt_tokens", usage.get("promptTokens", prompt)) or prompt
+            completion = (
+                usage.get("completion_tokens", usage.get("completionTokens", completion))
+                or completion
+            )
+    return prompt, completion
+
+
+async def test_totals_are_exact_after_kill_9_and_served_everywhere(
+    broker: str, tmp_path: Path
+) -> None:
+    settings = isolated_settings(broker, tmp_path)
+    await make_topics(settings)
+    streams = build_streams(120, seed=61, prefix="use")
+    records = wire(streams, seed=62)
+    half = len(records) // 2
+    worker = WorkerProcess(settings, tmp_path / "worker-1.log").start()
+    try:
+        await produce(settings, records[:half])
+        await read_topic(settings, settings.topic_responses, until=10, timeout_s=30)
+        await asyncio.sleep(0.5)
+    finally:
+        worker.kill9()
+    restarted = WorkerProcess(settings, tmp_path / "worker-2.log").start()
+    try:
+        await produce(settings, records[half:])
+        await read_topic(settings, settings.topic_responses, until=len(streams), timeout_s=90)
+        await asyncio.sleep(3)  # the usage agent publishes after each batch
+        body = json.loads(restarted.get("/usage?window=1d&by=tenant"))
+        metrics = restarted.get("/metrics").decode()
+    finally:
+        restarted.stop()
+    expected: dict[str, Counter[str]] = {}
+    for s in streams:
+        prompt, completion = _usage_of(s.chunks)
+        c = expected.setdefault(s.tenant, Counter())
+        c["requests"] += 1
+        c["prompt_tokens"] += prompt
+        c["completion_tokens"] += completion
+    got = {
+        row["key"]["tenant"]: {
+            k: row["totals"][k] for k in ("requests", "prompt_tokens", "completion_tokens")
+        }
+        for row in body["rows"]
+    }
+    assert got == {t: dict(c) for t, c in expected.items()}
+    assert "chunkstitch_tokens_total" in metrics
+
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "processor", "usage", "--json", "--window", "1d", "--by", "tenant"],
+        env=env_for(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    cli = {
+        json.loads(line)["key"]["tenant"]: json.loads(line)["totals"]["requests"]
+        for line in proc.stdout.splitlines()
+    }
+    assert cli == {t: c["requests"] for t, c in expected.items()}
