@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = [
     "CHUNKS",
     "COMPLETIONS",
     "DEAD_LETTERS",
+    "DURATION",
     "IN_FLIGHT",
     "LAG",
     "REGISTRY",
     "REPLAY_SKIPPED",
     "TOKENS",
+    "TTFC",
     "render",
 ]
 
@@ -54,6 +56,21 @@ TOKENS = Counter(
     "Tokens of finished responses by tenant, model, provider and kind (prompt/completion); "
     "label combinations beyond CHUNKSTITCH_METRICS_LABEL_CAP are counted as 'other'.",
     ["tenant", "model", "provider", "kind"],
+    registry=REGISTRY,
+)
+
+
+_LATENCY_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TTFC = Histogram(
+    "chunkstitch_time_to_first_chunk_seconds",
+    "Request start to first chunk, of finished responses (when the publisher sent the start).",
+    buckets=_LATENCY_S,
+    registry=REGISTRY,
+)
+DURATION = Histogram(
+    "chunkstitch_completion_duration_seconds",
+    "Request start (or first chunk) to last chunk, of finished responses.",
+    buckets=_LATENCY_S,
     registry=REGISTRY,
 )
 

@@ -68,9 +68,18 @@ def register(app: faust.App, settings: Settings) -> None:
                 for event in events:
                     message = event.message
                     state = await partition_state(message.partition)
+                    late_before = state.late
                     response = state.apply(message.offset, message.key, message.value)
                     if response is not None:
                         _count_tokens(response, settings.metrics_label_cap)
+                        if state.late != late_before:
+                            log.warning(
+                                "late completion counted in a late bucket",
+                                completion_id=response.id,
+                                partition=message.partition,
+                                offset=message.offset,
+                                grace_s=settings.rollup_late_grace_s,
+                            )
             await publish()
 
     async def publish() -> None:
@@ -136,3 +145,8 @@ def _count_tokens(response: ChatCompletion, cap: int) -> None:
             _seen_labels.add(labels)
     metrics.TOKENS.labels(*labels, "prompt").inc(usage.prompt_tokens)
     metrics.TOKENS.labels(*labels, "completion").inc(usage.completion_tokens)
+    meta = response.chunkstitch
+    if meta.time_to_first_chunk_ms is not None:
+        metrics.TTFC.observe(meta.time_to_first_chunk_ms / 1000)
+    if meta.duration_ms is not None:
+        metrics.DURATION.observe(meta.duration_ms / 1000)

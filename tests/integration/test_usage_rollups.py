@@ -90,3 +90,51 @@ async def test_totals_are_exact_after_kill_9_and_served_everywhere(
         for line in proc.stdout.splitlines()
     }
     assert cli == {t: c["requests"] for t, c in expected.items()}
+
+
+async def test_late_data_within_grace_updates_its_window_beyond_is_marked(
+    broker: str, tmp_path: Path
+) -> None:
+    import random
+
+    from processor.core import assemble_many, parse_chunk
+    from processor.synthetic import make_stream
+    from topics import RecordMeta
+
+    settings = isolated_settings(broker, tmp_path, rollup_late_grace_s=60)
+    await make_topics(settings)
+    now = 1_760_000_000_000 // 60_000 * 60_000  # a window boundary
+
+    def response(cid: str, started_ms: int) -> bytes:
+        chunks = make_stream("openai-text", cid, random.Random(1)).chunks
+        resp = assemble_many(parse_chunk(c) for c in chunks)[0]
+        meta = resp.chunkstitch.model_copy(
+            update={"tenant": "acme", "request_started_at_ms": started_ms}
+        )
+        return resp.model_copy(update={"chunkstitch": meta}).to_json()
+
+    records = [
+        (b"r-now", response("r-now", now + 5_000), RecordMeta()),  # stream time: now + 5 s
+        (
+            b"r-grace",
+            response("r-grace", now - 30_000),
+            RecordMeta(),
+        ),  # window ended at now: within 60 s
+        (b"r-late", response("r-late", now - 600_000), RecordMeta()),  # ended 9 min ago: beyond
+    ]
+    worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+    try:
+        for record in records:  # one partition, in this order: stream time is per partition
+            await produce(settings, [record], topic=settings.topic_responses, partition=0)
+        rows: list[dict[str, Any]] = []
+        for _ in range(40):
+            rows = json.loads(worker.get("/usage?window=1m&by=tenant"))["rows"]
+            if sum(r["totals"]["requests"] for r in rows) == 3:
+                break
+            await asyncio.sleep(0.25)
+    finally:
+        worker.stop()
+    windows = {
+        (r["key"]["window_start_ms"], r["key"]["late"]): r["totals"]["requests"] for r in rows
+    }
+    assert windows == {(now, False): 1, (now - 60_000, False): 1, (now - 600_000, True): 1}

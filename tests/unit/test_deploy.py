@@ -250,10 +250,14 @@ def test_grafana_dashboard_queries_only_metrics_that_exist() -> None:
     from processor import metrics
 
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "chunkstitch.json").read_text())
-    exposed = {  # what the worker's /metrics exposes (counters gain `_total`)
-        f"{family.name}_total" if family.type == "counter" else family.name
-        for family in metrics.REGISTRY.collect()
-    }
+    exposed: set[str] = set()  # what the worker's /metrics exposes
+    for family in metrics.REGISTRY.collect():
+        if family.type == "counter":
+            exposed.add(f"{family.name}_total")
+        elif family.type == "histogram":
+            exposed |= {f"{family.name}_{suffix}" for suffix in ("bucket", "sum", "count")}
+        else:
+            exposed.add(family.name)
     queried = {
         name
         for panel in dashboard["panels"]
