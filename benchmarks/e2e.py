@@ -208,14 +208,17 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run_variant(variant: str, streams: int, chunks: int, tmp: Path) -> dict[str, float]:
-    """Throughput of one variant on a fresh broker preloaded with the same workload."""
+    """Throughput of one variant on a fresh broker preloaded with the same workload.
+    ``worker`` runs with usage rollups, ``worker-no-usage`` without."""
     records = _records(streams, chunks, seed=1)
     with EmbeddedBroker() as broker:
-        settings = _settings(broker.bootstrap, tmp, web_port=free_port())
+        settings = _settings(
+            broker.bootstrap, tmp, web_port=free_port(), usage_enabled=variant != "worker-no-usage"
+        )
         asyncio.run(create_topics(settings))
         asyncio.run(_preload(broker.bootstrap, settings.topic_chunks, records))
         out_topic = settings.topic_responses
-        expected = len(records) if variant != "worker" else streams
+        expected = streams if variant.startswith("worker") else len(records)
         if variant == "aiokafka":
             proc = subprocess.Popen(
                 [
@@ -375,7 +378,12 @@ def main(argv: list[str]) -> None:
         print(f"measuring {label} on {args.streams * 22:,} records ...", flush=True)
         results[variant] = run_variant(variant, args.streams, 20, tmp)
         print(f"  {results[variant]['rate']:,.0f} records/s", flush=True)
+    print("measuring (c') chunkstitch worker without usage rollups ...", flush=True)
+    results["worker-no-usage"] = run_variant("worker-no-usage", args.streams, 20, tmp)
     a, b, c = (results[v]["rate"] for v in ("aiokafka", "faust", "worker"))
+    c0 = results["worker-no-usage"]["rate"]
+    print(f"usage rollups: {c0:,.0f} records/s without, {c:,.0f} with "
+          f"(cost {(1 - c / c0) * 100:.1f}% of throughput)")
     print(
         f"\n| variant | records/s |\n|---|---:|\n| (a) aiokafka passthrough | {a:,.0f} |\n"
         f"| (b) faust forward | {b:,.0f} |\n| (c) chunkstitch worker | {c:,.0f} |"

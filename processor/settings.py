@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     )
 
     # --- usage rollups ---------------------------------------------------------------------
+    usage_enabled: bool = Field(
+        default=True, description="Run the usage-rollup agent in the worker."
+    )
     rollup_late_grace_s: float = Field(default=300.0, ge=0)
     metrics_label_cap: int = Field(default=200, ge=1)
 

@@ -32,6 +32,8 @@ Plugin = Callable[[faust.App, Settings], None]
 
 
 def _usage_plugin(app: faust.App, settings: Settings) -> None:
+    if not settings.usage_enabled:
+        return
     from processor.usage import register
 
     register(app, settings)
