@@ -382,8 +382,10 @@ def main(argv: list[str]) -> None:
     results["worker-no-usage"] = run_variant("worker-no-usage", args.streams, 20, tmp)
     a, b, c = (results[v]["rate"] for v in ("aiokafka", "faust", "worker"))
     c0 = results["worker-no-usage"]["rate"]
-    print(f"usage rollups: {c0:,.0f} records/s without, {c:,.0f} with "
-          f"(cost {(1 - c / c0) * 100:.1f}% of throughput)")
+    print(
+        f"usage rollups: {c0:,.0f} records/s without, {c:,.0f} with "
+        f"(cost {(1 - c / c0) * 100:.1f}% of throughput)"
+    )
     print(
         f"\n| variant | records/s |\n|---|---:|\n| (a) aiokafka passthrough | {a:,.0f} |\n"
         f"| (b) faust forward | {b:,.0f} |\n| (c) chunkstitch worker | {c:,.0f} |"
