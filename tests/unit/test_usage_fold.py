@@ -122,3 +122,23 @@ def test_percentile_reads_bucket_bounds() -> None:
 def test_rollup_record_key_is_stable() -> None:
     key, _ = contribution(_response("vllm", tenant="t", provider="vllm", first_chunk_at_ms=0))
     assert key.record_key(3) == "0|60000|t|Qwen/Qwen3-8B|vllm|complete|on-time|3"
+
+
+def test_token_metric_labels_are_capped() -> None:
+    from processor import metrics
+    from processor.usage import _plugin
+
+    _plugin._seen_labels.clear()
+    for i in range(5):
+        resp = _response("vllm", tenant=f"tenant-{i}", first_chunk_at_ms=0)
+        _plugin._count_tokens(resp, cap=3)
+    tenants = {
+        sample.labels["tenant"]
+        for family in metrics.REGISTRY.collect()
+        if family.name == "chunkstitch_tokens"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+    assert {"tenant-0", "tenant-1", "tenant-2", "other"} <= tenants
+    assert "tenant-3" not in tenants
+    assert "tenant-4" not in tenants
