@@ -33,21 +33,27 @@ def _table(states: list, title: str) -> None:  # type: ignore[type-arg]
     Console().print(table)
 
 
-@topics_app.command("create")
-def create(broker: Broker = None) -> None:
-    """Create every missing topic with its configs (idempotent)."""
-    from processor.admin import create_topics
+def _show(action: str, broker: str | None) -> list:  # type: ignore[type-arg]
+    """Run ``create_topics`` or ``describe_topics``, print the table, return the states."""
+    from processor import admin
     from processor.kafka import BrokerUnreachable
     from processor.settings import get_settings
 
     settings = get_settings(broker=broker)
+    fetch = admin.create_topics if action == "create" else admin.describe_topics
     try:
-        states = asyncio.run(create_topics(settings))
+        states = asyncio.run(fetch(settings))
     except BrokerUnreachable as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     _table(states, f"chunkstitch topics on {settings.broker}")
-    if not all(s.exists for s in states):
+    return states
+
+
+@topics_app.command("create")
+def create(broker: Broker = None) -> None:
+    """Create every missing topic with its configs (idempotent)."""
+    if not all(s.exists for s in _show("create", broker)):
         typer.echo("error: some topics could not be created; see the table above", err=True)
         raise typer.Exit(1)
 
@@ -55,18 +61,7 @@ def create(broker: Broker = None) -> None:
 @topics_app.command("list")
 def list_(broker: Broker = None) -> None:
     """Show chunkstitch's topics: partitions, configs, and whether they exist."""
-    from processor.admin import describe_topics
-    from processor.kafka import BrokerUnreachable
-    from processor.settings import get_settings
-
-    settings = get_settings(broker=broker)
-    try:
-        states = asyncio.run(describe_topics(settings))
-    except BrokerUnreachable as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    _table(states, f"chunkstitch topics on {settings.broker}")
-    if not all(s.exists for s in states):
+    if not all(s.exists for s in _show("list", broker)):
         typer.echo("some topics are missing: run `chunkstitch topics create`", err=True)
 
 
