@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-from typing import Annotated, BinaryIO
+from typing import Annotated
 
 import typer
 
 from processor.cli import app
+from processor.cli._source import READ_SIZE, open_source
 
 __all__ = ["assemble"]
-
-_READ_SIZE = 64 * 1024
 
 
 @app.command()
@@ -49,19 +47,9 @@ def assemble(
                 bad += 1
                 typer.echo(f"line {item.lineno}: not a chunk: {exc}", err=True)
 
-    stream: BinaryIO
-    if source == "-":
-        stream = sys.stdin.buffer
-    else:
-        path = Path(source)
-        if not path.is_file():
-            typer.echo(
-                f"error: {source}: no such file; pass a JSON Lines or SSE file, or '-'", err=True
-            )
-            raise typer.Exit(2)
-        stream = path.open("rb")
+    stream, _ = open_source(source)
     with stream:
-        while block := stream.read(_READ_SIZE):
+        while block := stream.read(READ_SIZE):
             take(decoder.decode(block))
         take(decoder.flush())
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from pathlib import Path
 from typing import Annotated, Any, BinaryIO
 
 import typer
 
 from processor.cli import app
+from processor.cli._source import READ_SIZE, open_source
 
 __all__ = ["publish"]
-
-_READ_SIZE = 64 * 1024
 
 
 @app.command()
@@ -40,19 +38,7 @@ def publish(
 
     settings = get_settings(broker=broker)
     configure_logging(settings.log_level, settings.log_format)  # logs go to stderr
-    stream: BinaryIO
-    total: int | None = None
-    if source == "-":
-        stream = sys.stdin.buffer
-    else:
-        path = Path(source)
-        if not path.is_file():
-            typer.echo(
-                f"error: {source}: no such file; pass a JSON Lines or SSE file, or '-'", err=True
-            )
-            raise typer.Exit(2)
-        stream = path.open("rb")
-        total = path.stat().st_size
+    stream, total = open_source(source)
     from processor.clients import ClientError
 
     try:
@@ -140,7 +126,7 @@ async def _run(
         )
         with progress:
             task = progress.add_task("publish", total=total, chunks=0)
-            while block := stream.read(_READ_SIZE):
+            while block := stream.read(READ_SIZE):
                 await take(decoder.decode(block))
                 progress.update(task, advance=len(block), chunks=publisher.stats.chunks)
             await take(decoder.flush())
