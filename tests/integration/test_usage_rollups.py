@@ -90,6 +90,20 @@ async def test_totals_are_exact_after_kill_9_and_served_everywhere(
         for line in proc.stdout.splitlines()
     }
     assert cli == {t: c["requests"] for t, c in expected.items()}
+    table = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "processor", "usage", "--window", "1d", "--by", "tenant"],
+        env={**env_for(settings), "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert table.returncode == 0, table.stderr
+    assert "usage per 1d window" in table.stdout
+    for tenant, c in expected.items():
+        row = next(line for line in table.stdout.splitlines() if f" {tenant} " in line)
+        assert f" {c['requests']} " in row
 
 
 async def test_late_data_within_grace_updates_its_window_beyond_is_marked(
