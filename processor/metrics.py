@@ -11,6 +11,7 @@ __all__ = [
     "DURATION",
     "IN_FLIGHT",
     "LAG",
+    "OVERSIZE_RESPONSES",
     "REGISTRY",
     "REPLAY_SKIPPED",
     "TOKENS",
@@ -38,6 +39,11 @@ DEAD_LETTERS = Counter(
 REPLAY_SKIPPED = Counter(
     "chunkstitch_replay_skipped",
     "Replayed chunks of completions already emitted (recognised via the ledger).",
+    registry=REGISTRY,
+)
+OVERSIZE_RESPONSES = Counter(
+    "chunkstitch_oversize_responses",
+    "Responses over max_response_bytes, emitted as errors without their message bodies.",
     registry=REGISTRY,
 )
 IN_FLIGHT = Gauge(

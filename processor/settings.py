@@ -69,15 +69,24 @@ class Settings(BaseSettings):
     max_chunks: int = Field(default=20_000, ge=1)
     max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     max_record_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_response_bytes: int = Field(
+        default=1_000_000,
+        ge=1024,
+        description="Largest response record; a larger one is emitted as an error without "
+        "its message bodies (Kafka's default max.message.bytes is about 1 MB).",
+    )
     emitted_memory_s: float = Field(
         default=3600.0,
         gt=0,
         description="How long emitted completion ids are remembered (late chunks -> dead letters).",
     )
     fetch_max_wait_ms: int = Field(
-        default=50,
+        default=10,
         ge=1,
-        description="Longest time a fetch waits for records (faust's default is 1500 ms).",
+        description="Longest time the worker's fetch waits for records (faust hard-codes "
+        "1500 ms). Kafka answers a waiting fetch as soon as records arrive, so there this "
+        "only sets the idle poll rate (deploy/ uses 500); the embedded broker always waits "
+        "it out, so there it bounds the latency it adds.",
     )
     tick_interval_s: float = Field(default=0.5, gt=0, description="Time-based detection period.")
 

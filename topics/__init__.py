@@ -12,7 +12,7 @@ from topics._chunk import (
     FunctionDelta,
     ToolCallDelta,
 )
-from topics._deadletter import DeadLetter, DeadLetterReason
+from topics._deadletter import DEADLETTER_VALUE_MAX, DeadLetter, DeadLetterReason
 from topics._headers import (
     HEADER_END,
     HEADER_END_REASON,
@@ -43,6 +43,7 @@ from topics._response import (
 from topics._usage import LATENCY_BUCKETS_MS, UsageKey, UsageRollup, UsageTotals
 
 __all__ = [
+    "DEADLETTER_VALUE_MAX",
     "HEADER_END",
     "HEADER_END_REASON",
     "HEADER_PROVIDER",

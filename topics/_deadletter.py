@@ -23,6 +23,11 @@ DeadLetterReason = Literal[
 ]
 
 
+DEADLETTER_VALUE_MAX = 512 * 1024
+"""Bytes of the original value kept in a dead letter; a longer value is cut to this and
+``value_truncated`` is set, so that the letter itself always fits in a Kafka record."""
+
+
 class DeadLetter(BaseModel):
     """What went wrong, and the original record (bytes base64-encoded) to replay or inspect."""
 
@@ -34,6 +39,10 @@ class DeadLetter(BaseModel):
     source_timestamp_ms: int | None = None
     key_b64: str | None = None
     value_b64: str
+    value_size: int | None = None
+    """Size of the original value in bytes."""
+    value_truncated: bool = False
+    """Only the first ``DEADLETTER_VALUE_MAX`` bytes of the value are kept."""
     headers: list[tuple[str, str]] = []
     """(name, base64 value) pairs."""
     completion_id: str | None = None

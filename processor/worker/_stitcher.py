@@ -27,7 +27,9 @@ from processor.kafka import read_to_end
 from processor.logs import get_logger
 from processor.settings import Settings
 from topics import (
+    DEADLETTER_VALUE_MAX,
     HEADER_REROUTED,
+    ChatCompletion,
     DeadLetter,
     DeadLetterReason,
     HeaderError,
@@ -117,6 +119,12 @@ class Stitcher:
         self._emit: list[_Emission] = []
         self._side: list[tuple[int, int, Awaitable[Awaitable[Any]]]] = []
         """(partition, offset, pending send) of dead letters and re-routes in this round."""
+        self._rounds: list[asyncio.Task[None]] = []
+        """Sealed rounds whose outputs are not durable yet, oldest first."""
+        self.max_rounds_in_flight = 8
+        self.failure: BaseException | None = None
+        """The first error that kept a round from becoming durable; the worker stops."""
+        self.on_failure: Callable[[BaseException], None] | None = None
         self.lock = asyncio.Lock()
         self._loading: dict[int, asyncio.Task[None]] = {}
         self._generation: dict[int, int] = {}
@@ -332,15 +340,39 @@ class Stitcher:
             first_offset=stream.offsets[0],
             last_offset=stream.offsets[-1],
         )
+        body = response.to_json()
+        if len(body) > self.settings.max_response_bytes:
+            body = self._too_large(response, len(body), partition)
         del part.open[stream.cid]
         part.ledger[stream.cid] = (stream.offsets[-1], now)
-        self._emit.append(
-            _Emission(partition, stream, response.to_json(), meta.status, decision.rule)
+        self._emit.append(_Emission(partition, stream, body, meta.status, decision.rule))
+
+    def _too_large(self, response: ChatCompletion, size: int, partition: int) -> bytes:
+        """A response too large for one record is emitted without its message bodies, with
+        status ``error`` and the reason, so that downstream still learns how it ended."""
+        limit = self.settings.max_response_bytes
+        meta = response.chunkstitch
+        meta.status = "error"
+        meta.reason = (
+            f"response of {size} bytes exceeds max_response_bytes={limit}: message bodies "
+            "dropped (raise CHUNKSTITCH_MAX_RESPONSE_BYTES with the topic's max.message.bytes)"
         )
+        for choice in response.choices:
+            choice.message = type(choice.message)(role=choice.message.role)
+        log.warning(
+            "response too large; emitted without its message bodies",
+            completion_id=response.id,
+            partition=partition,
+            bytes=size,
+            limit=limit,
+        )
+        metrics.OVERSIZE_RESPONSES.inc()
+        return response.to_json()
 
     def _dead(
         self, rec: Record, reason: DeadLetterReason, message: str, cid: str | None = None
     ) -> None:
+        value = rec.value or b""
         letter = DeadLetter(
             reason=reason,
             message=message,
@@ -349,7 +381,9 @@ class Stitcher:
             source_offset=rec.offset,
             source_timestamp_ms=rec.timestamp_ms,
             key_b64=DeadLetter.b64(rec.key),
-            value_b64=DeadLetter.b64(rec.value or b"") or "",
+            value_b64=DeadLetter.b64(value[:DEADLETTER_VALUE_MAX]) or "",
+            value_size=len(value),
+            value_truncated=len(value) > DEADLETTER_VALUE_MAX,
             headers=[(k, base64.b64encode(v or b"").decode()) for k, v in rec.headers],
             completion_id=cid,
             worker=self.worker_id,
@@ -394,11 +428,19 @@ class Stitcher:
 
     # -- durability -----------------------------------------------------------------------
     async def flush(self) -> None:
-        """Make this round's effects durable, then release source offsets in order."""
+        """Seal this round: its responses, dead letters and re-routes are sent now; making
+        them durable, writing the ledger and releasing source offsets in order happen in
+        the background (:meth:`drain` waits for that), so the next records are taken while
+        this round's acknowledgements are in flight. At most ``max_rounds_in_flight``
+        rounds are pending; beyond that this waits for the oldest.
+
+        Raises the error of a round that could not be made durable: nothing after it may
+        be released, and the worker must stop (its records are replayed on restart)."""
+        self._raise_failure()
         emissions, self._emit = self._emit, []
         side, self._side = self._side, []
         if not emissions and not side:
-            self.release()
+            self.release()  # records done on arrival (replays, end markers of emitted ones)
             return
         deliveries = [
             await self.send(
@@ -406,8 +448,56 @@ class Stitcher:
             )
             for e in emissions
         ]
-        side_deliveries = [await pending for _, _, pending in side]
-        await asyncio.gather(*deliveries, *side_deliveries)
+        deliveries += [await pending for _, _, pending in side]
+        generations = {e.partition: self._generation.get(e.partition, 0) for e in emissions}
+        for partition, _, _ in side:
+            generations[partition] = self._generation.get(partition, 0)
+        task = asyncio.ensure_future(self._settle(emissions, side, deliveries, generations))
+        self._rounds.append(task)
+        task.add_done_callback(self._round_done)
+        while len(self._rounds) > self.max_rounds_in_flight:
+            await asyncio.wait([self._rounds[0]])
+            self._raise_failure()
+
+    async def drain(self) -> None:
+        """Wait until every sealed round is durable and released; raise a round's error."""
+        while self._rounds:
+            await asyncio.wait([self._rounds[0]])
+        self._raise_failure()
+
+    @property
+    def rounds_in_flight(self) -> int:
+        return len(self._rounds)
+
+    def _round_done(self, task: asyncio.Task[None]) -> None:
+        self._rounds.remove(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and self.failure is None:
+            self.failure = exc
+            log.error(
+                "could not make a round of outputs durable; stopping: its source records "
+                "stay unacknowledged and are replayed when the worker restarts",
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            if self.on_failure is not None:
+                self.on_failure(exc)
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    async def _settle(
+        self,
+        emissions: list[_Emission],
+        side: list[tuple[int, int, Awaitable[Awaitable[Any]]]],
+        deliveries: list[Awaitable[Any]],
+        generations: dict[int, int],
+    ) -> None:
+        await asyncio.gather(*deliveries)
+        # The ledger entry is written only once the response is durable: a ledger entry
+        # for a response that was lost would skip that completion after a restart.
         ledger = [
             await self.send(
                 self.settings.topic_ledger,
@@ -430,14 +520,21 @@ class Stitcher:
                 rule=e.rule,
                 chunks=e.stream.asm.chunk_count,
             )
-            part = self.parts.get(e.partition)
+            part = self._current(e.partition, generations)
             if part is not None:
                 part.done.update(e.stream.offsets)
         for partition, offset, _ in side:
-            part = self.parts.get(partition)
+            part = self._current(partition, generations)
             if part is not None:
                 part.done.add(offset)
         self.release()
+
+    def _current(self, partition: int, generations: dict[int, int]) -> _Partition | None:
+        """The partition's state if it was not revoked since the round was sealed: a new
+        owner (or a new assignment here) replays those records itself."""
+        if self._generation.get(partition, 0) != generations[partition]:
+            return None
+        return self.parts.get(partition)
 
     def release(self) -> None:
         """Ack every held record at the head of each partition whose work is done."""

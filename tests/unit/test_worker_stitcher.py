@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from typing import Any
+
+import pytest
 
 from processor.settings import Settings
 from processor.worker import Record, Stitcher
@@ -68,6 +71,7 @@ async def test_acks_are_held_until_emission_and_released_in_offset_order() -> No
     await stitcher.handle(_rec(0, b"c1", _chunk("a"), RecordMeta(seq=0)), lambda: acked.append(0))
     await stitcher.handle(_rec(1, b"k", b"not json"), lambda: acked.append(1))
     await stitcher.flush()
+    await stitcher.drain()
     assert acked == []  # offset 1 is done, but 0 is still open: nothing passes it
     await stitcher.handle(
         _rec(2, b"c1", _chunk("b", "stop"), RecordMeta(seq=1)), lambda: acked.append(2)
@@ -76,6 +80,7 @@ async def test_acks_are_held_until_emission_and_released_in_offset_order() -> No
         _rec(3, b"c1", b"", RecordMeta(end_count=2, end_reason="done")), lambda: acked.append(3)
     )
     await stitcher.flush()
+    await stitcher.drain()
     assert acked == [0, 1, 2, 3]
     ((key, value, _),) = send.on(s.topic_responses)
     assert key == b"c1"
@@ -96,6 +101,7 @@ async def test_ledger_skips_replayed_chunks_and_dead_letters_late_ones() -> None
     await stitcher.handle(_rec(4, b"c1", _chunk("a"), RecordMeta(seq=0)), lambda: acked.append(4))
     await stitcher.handle(_rec(9, b"c1", _chunk("z"), RecordMeta(seq=7)), lambda: acked.append(9))
     await stitcher.flush()
+    await stitcher.drain()
     assert acked == [4, 9]
     assert send.on(stitcher.settings.topic_responses) == []
     ((_, letter, _),) = send.on(stitcher.settings.topic_deadletter)
@@ -106,12 +112,15 @@ async def test_idle_timeout_emits_incomplete_from_the_timer() -> None:
     stitcher, send, now, acked = _setup()
     await stitcher.handle(_rec(0, b"c1", _chunk("partial")), lambda: acked.append(0))
     await stitcher.flush()
+    await stitcher.drain()
     stitcher.tick()
     await stitcher.flush()
+    await stitcher.drain()
     assert acked == []
     now[0] += 5
     stitcher.tick()
     await stitcher.flush()
+    await stitcher.drain()
     assert acked == [0]
     ((_, value, _),) = send.on(stitcher.settings.topic_responses)
     meta = json.loads(value or b"")["chunkstitch"]
@@ -123,6 +132,7 @@ async def test_keyless_record_is_rerouted_by_its_id() -> None:
     stitcher, send, _, acked = _setup()
     await stitcher.handle(_rec(0, None, _chunk("x")), lambda: acked.append(0))
     await stitcher.flush()
+    await stitcher.drain()
     assert acked == [0]
     ((key, value, partition),) = send.on("chunkstitch.chunks")
     assert key == b"c1"
@@ -135,3 +145,127 @@ async def test_revoked_partition_state_is_dropped() -> None:
     await stitcher.handle(_rec(0, b"c1", _chunk("a")), lambda: acked.append(0))
     stitcher.revoke([0])
     assert 0 not in stitcher.parts
+
+
+class GatedSend(FakeSend):
+    """Deliveries complete only when the test says so (or fail with ``error``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[asyncio.Future[Any]] = []
+
+    async def __call__(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        headers: list[tuple[str, bytes]] | None,
+    ) -> asyncio.Future[Any]:
+        self.sent.append((topic, key, value, partition))
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.pending.append(fut)
+        return fut
+
+    def deliver(self, error: BaseException | None = None) -> None:
+        for fut in self.pending:
+            if not fut.done():
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
+
+
+async def _one_completion(stitcher: Stitcher, cid: bytes, first: int, acked: list[int]) -> None:
+    body = json.dumps(
+        {"id": cid.decode(), "choices": [{"index": 0, "delta": {"content": "x"}}]}
+    ).encode()
+    await stitcher.handle(_rec(first, cid, body, RecordMeta(seq=0)), lambda: acked.append(first))
+    await stitcher.handle(
+        _rec(first + 1, cid, b"", RecordMeta(end_count=1, end_reason="done")),
+        lambda: acked.append(first + 1),
+    )
+
+
+async def test_a_sealed_round_is_released_only_when_durable_and_the_next_round_proceeds() -> None:
+    settings = Settings()
+    send = GatedSend()
+    stitcher = Stitcher(settings, send, lambda: 100.0)
+    stitcher.parts[0] = _Partition(loaded=True)
+    acked: list[int] = []
+    await _one_completion(stitcher, b"a", 0, acked)
+    await stitcher.flush()  # sends the response, does not wait for its acknowledgement
+    assert [t for t, *_ in send.sent] == [settings.topic_responses]
+    assert stitcher.rounds_in_flight == 1
+    await _one_completion(stitcher, b"b", 2, acked)
+    await stitcher.flush()
+    await asyncio.sleep(0)
+    assert acked == []  # nothing is durable yet
+    assert send.on(settings.topic_ledger) == []  # the ledger waits for the responses
+    for _ in range(50):  # responses, then the ledger records sent once those are durable
+        send.deliver()
+        await asyncio.sleep(0)
+        if not stitcher.rounds_in_flight:
+            break
+    await asyncio.wait_for(stitcher.drain(), timeout=5)
+    assert acked == [0, 1, 2, 3]
+    assert sorted(k for k, _, _ in send.on(settings.topic_ledger)) == [b"a", b"b"]
+
+
+async def test_a_round_that_cannot_be_made_durable_stops_the_stitcher_and_holds_its_acks() -> None:
+    send = GatedSend()
+    stitcher = Stitcher(Settings(), send, lambda: 100.0)
+    stitcher.parts[0] = _Partition(loaded=True)
+    failures: list[BaseException] = []
+    stitcher.on_failure = failures.append
+    acked: list[int] = []
+    await _one_completion(stitcher, b"a", 0, acked)
+    await stitcher.flush()
+    send.deliver(RuntimeError("broker gone"))
+    with pytest.raises(RuntimeError, match="broker gone"):
+        await asyncio.wait_for(stitcher.drain(), timeout=5)
+    assert acked == []
+    assert [str(e) for e in failures] == ["broker gone"]
+    assert send.on(Settings().topic_ledger) == []  # never a ledger entry for a lost response
+    await _one_completion(stitcher, b"b", 2, acked)
+    with pytest.raises(RuntimeError, match="broker gone"):
+        await stitcher.flush()
+
+
+async def test_a_response_over_the_record_limit_is_emitted_as_an_error_without_bodies() -> None:
+    stitcher, send, _, acked = _setup()
+    stitcher.settings = Settings(max_response_bytes=2048)
+    await stitcher.handle(
+        _rec(0, b"c1", _chunk("y" * 5000, "stop"), RecordMeta(seq=0)), lambda: acked.append(0)
+    )
+    await stitcher.handle(
+        _rec(1, b"c1", b"", RecordMeta(end_count=1, end_reason="done")), lambda: acked.append(1)
+    )
+    await stitcher.flush()
+    await stitcher.drain()
+    ((_, value, _),) = send.on(stitcher.settings.topic_responses)
+    assert value is not None
+    assert len(value) <= 2048
+    body = json.loads(value)
+    assert body["chunkstitch"]["status"] == "error"
+    assert "max_response_bytes=2048" in body["chunkstitch"]["reason"]
+    assert "content" not in body["choices"][0]["message"]
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert acked == [0, 1]
+
+
+async def test_a_dead_letter_keeps_at_most_the_value_limit_and_says_so() -> None:
+    from topics import DEADLETTER_VALUE_MAX
+
+    stitcher, send, _, acked = _setup()
+    stitcher.settings = Settings(max_record_bytes=1024)
+    big = b"z" * (DEADLETTER_VALUE_MAX + 10)
+    await stitcher.handle(_rec(0, b"k", big), lambda: acked.append(0))
+    await stitcher.flush()
+    await stitcher.drain()
+    ((_, letter, _),) = send.on(stitcher.settings.topic_deadletter)
+    body = json.loads(letter or b"")
+    assert body["reason"] == "oversize"
+    assert body["value_size"] == len(big)
+    assert body["value_truncated"] is True
+    assert len(base64.b64decode(body["value_b64"])) == DEADLETTER_VALUE_MAX
