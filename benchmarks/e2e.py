@@ -65,12 +65,17 @@ import asyncio, sys
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 async def main():
     c = AIOKafkaConsumer(sys.argv[2], bootstrap_servers=sys.argv[1], group_id="bench-raw",
-                         auto_offset_reset="earliest", session_timeout_ms=3000)
-    p = AIOKafkaProducer(bootstrap_servers=sys.argv[1], acks="all", linger_ms=5)
+                         auto_offset_reset="earliest", session_timeout_ms=3000,
+                         heartbeat_interval_ms=500, fetch_max_wait_ms=int(sys.argv[4]))
+    p = AIOKafkaProducer(bootstrap_servers=sys.argv[1], acks="all", linger_ms=int(sys.argv[5]))
     await c.start(); await p.start()
     print("ready", flush=True)
+    said = False
     while True:
         batch = await c.getmany(timeout_ms=200, max_records=1000)
+        if not said and c.assignment():
+            print("assigned", flush=True)
+            said = True
         recs = [r for part in batch.values() for r in part]
         futs = [await p.send(sys.argv[3], r.value, key=r.key) for r in recs]
         if futs:
@@ -125,6 +130,31 @@ def _records(
         if cursors[i] == len(per[i]):
             live.remove(i)
     return out
+
+
+HOP_FLOOR = """
+import asyncio, sys
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+async def main():
+    c = AIOKafkaConsumer(sys.argv[2], bootstrap_servers=sys.argv[1], group_id="bench-hop",
+                         auto_offset_reset="earliest", session_timeout_ms=3000,
+                         heartbeat_interval_ms=500, fetch_max_wait_ms=10)
+    p = AIOKafkaProducer(bootstrap_servers=sys.argv[1], acks="all", linger_ms=0)
+    await c.start(); await p.start()
+    said = False
+    while True:
+        batch = await c.getmany(timeout_ms=100)
+        if not said and c.assignment():
+            print("assigned", flush=True)
+            said = True
+        for part in batch.values():
+            for r in part:
+                await p.send(sys.argv[3], r.value, key=r.key)
+asyncio.run(main())
+"""
+"""The least a consume-and-produce hop can do: forward each record as it is fetched, never
+wait for an acknowledgement, let the consumer commit in the background. The latency floor
+of any pipeline that reads one topic and writes another on this broker."""
 
 
 async def _preload(broker: str, topic: str, records: list[Any]) -> None:
@@ -228,6 +258,8 @@ def run_variant(variant: str, streams: int, chunks: int, tmp: Path) -> dict[str,
                     broker.bootstrap,
                     settings.topic_chunks,
                     out_topic,
+                    "500",  # fetch wait: a full topic is waiting, so it never waits
+                    "5",  # linger
                 ],
                 stdout=subprocess.PIPE,
             )
@@ -269,33 +301,44 @@ def run_variant(variant: str, streams: int, chunks: int, tmp: Path) -> dict[str,
 
 
 async def _paced_latency(
-    settings: Settings, rate: float, seconds: float, seed: int = 3
+    broker: str,
+    topic_in: str,
+    topic_out: str,
+    rate: float,
+    seconds: float,
+    *,
+    markers_out: bool,
+    seed: int = 3,
 ) -> list[float]:
-    """Publish streams at ``rate`` chunks/s; per stream, seconds from its end marker being
-    acknowledged by the broker to the worker producing its response (the response
-    record's timestamp: same host clock). Reading the response back would add the
-    benchmark consumer's own fetch cadence (aiokafka backs off ~100 ms between fetches)."""
+    """Publish 20-chunk streams with end markers at ``rate`` records/s for ``seconds``;
+    per stream, the seconds from its end marker's publish (the ``send`` call, as a gateway
+    makes it) to the first record under its key arriving on ``topic_out`` at a consumer
+    (which asks the broker every 10 ms, as the worker does). ``markers_out``: the output
+    carries the end markers themselves (a passthrough), not responses."""
     n_streams = max(int(rate * seconds / 21), 10)
     records = _records(n_streams, 20, seed=seed)
     sent_at: dict[bytes, float] = {}
-    produced_at: dict[bytes, float] = {}
+    arrived_at: dict[bytes, float] = {}
     c = AIOKafkaConsumer(
-        settings.topic_responses,
-        bootstrap_servers=settings.broker,
+        topic_out,
+        bootstrap_servers=broker,
         auto_offset_reset="earliest",
         group_id=None,
+        fetch_max_wait_ms=10,
     )
     await c.start()
 
     async def reader() -> None:
-        while len(produced_at) < n_streams:
+        while len(arrived_at) < n_streams:
             batch = await c.getmany(timeout_ms=100)
+            now = time.time()
             for recs in batch.values():
                 for r in recs:
-                    produced_at.setdefault(r.key, r.timestamp / 1000)
+                    if r.key is not None and (not markers_out or not r.value):
+                        arrived_at.setdefault(r.key, now)
 
     task = asyncio.create_task(reader())
-    p = AIOKafkaProducer(bootstrap_servers=settings.broker, acks="all", linger_ms=1)
+    p = AIOKafkaProducer(bootstrap_servers=broker, acks="all", linger_ms=1)
     await p.start()
     start = time.monotonic()
     for i, (k, v, h) in enumerate(records):
@@ -303,19 +346,66 @@ async def _paced_latency(
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        fut = await p.send(settings.topic_chunks, v, key=k, headers=h)
         if not v:
-            await fut
             sent_at[k] = time.time()
+        await p.send(topic_in, v, key=k, headers=h)
     await p.stop()
     try:
         await asyncio.wait_for(task, timeout=60)
     finally:
         await c.stop()
-    return [max(produced_at[k] - sent_at[k], 0.0) for k in sent_at if k in produced_at]
+    return [max(arrived_at[k] - sent_at[k], 0.0) for k in sent_at if k in arrived_at]
 
 
-def latency_and_memory(peak_rate: float, tmp: Path) -> dict[str, float]:
+def _percentiles(lat: list[float]) -> dict[str, float]:
+    lat = sorted(lat)
+    return {
+        "p50_ms": statistics.median(lat) * 1000,
+        "p99_ms": lat[min(int(len(lat) * 0.99), len(lat) - 1)] * 1000,
+        "samples": len(lat),
+    }
+
+
+def latency_floor(rate: float, tmp: Path, seconds: float) -> dict[str, float]:
+    """The same paced load through ``HOP_FLOOR``: what reading one topic and writing
+    another costs any Python pipeline on this broker, measured in the same run."""
+    with EmbeddedBroker() as broker:
+        settings = _settings(broker.bootstrap, tmp)
+        asyncio.run(create_topics(settings))
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                HOP_FLOOR,
+                broker.bootstrap,
+                settings.topic_chunks,
+                settings.topic_responses,
+            ],
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert proc.stdout is not None
+            while proc.stdout.readline().strip() != b"assigned":
+                if proc.poll() is not None:
+                    raise RuntimeError(f"passthrough exited with {proc.returncode}")
+            lat = asyncio.run(
+                _paced_latency(
+                    broker.bootstrap,
+                    settings.topic_chunks,
+                    settings.topic_responses,
+                    rate,
+                    seconds,
+                    markers_out=True,
+                )
+            )
+        finally:
+            _stop(proc)
+    return _percentiles(lat)
+
+
+def latency_and_memory(rate: float, tmp: Path, seconds: float) -> dict[str, float]:
+    """Latency at ``rate`` on a fresh broker (its memory store slows as it grows: see the
+    README), then memory with 10,000 streams in flight on the same worker."""
     with EmbeddedBroker() as broker:
         settings = _settings(
             broker.bootstrap, tmp, web_port=free_port(), idle_timeout_s=300, max_lifetime_s=3000
@@ -324,7 +414,16 @@ def latency_and_memory(peak_rate: float, tmp: Path) -> dict[str, float]:
         proc = _worker(settings, tmp / "worker-lat.log")
         try:
             _wait_ready(_http_ready(settings.web_port), proc)
-            lat = asyncio.run(_paced_latency(settings, peak_rate / 2, seconds=10))
+            lat = asyncio.run(
+                _paced_latency(
+                    broker.bootstrap,
+                    settings.topic_chunks,
+                    settings.topic_responses,
+                    rate,
+                    seconds,
+                    markers_out=False,
+                )
+            )
             idle_rss = _rss_mb(proc.pid)
             # 10,000 streams in flight: their first three chunks, no end.
             rng = random.Random(9)
@@ -347,14 +446,40 @@ def latency_and_memory(peak_rate: float, tmp: Path) -> dict[str, float]:
             busy_rss = _rss_mb(proc.pid)
         finally:
             _stop(proc)
-    lat.sort()
-    return {
-        "p50_ms": statistics.median(lat) * 1000,
-        "p99_ms": lat[min(int(len(lat) * 0.99), len(lat) - 1)] * 1000,
-        "samples": len(lat),
-        "rss_idle_mb": idle_rss,
-        "rss_10k_mb": busy_rss,
-    }
+    return {**_percentiles(lat), "rss_idle_mb": idle_rss, "rss_10k_mb": busy_rss}
+
+
+def report_latency(peak: float, tmp: Path, seconds: float, trials: int) -> None:
+    rate = peak / 2
+    print(
+        f"\nlatency at half of (c)'s peak ({rate:,.0f} records/s, {seconds:.0f} s per trial, "
+        f"fresh broker each): end marker published -> response arrived",
+        flush=True,
+    )
+    worker_runs, floor_runs = [], []
+    lm: dict[str, float] = {}
+    for trial in range(1, trials + 1):
+        floor = latency_floor(rate, tmp, seconds)
+        lm = latency_and_memory(rate, tmp, seconds)
+        floor_runs.append(floor)
+        worker_runs.append(lm)
+        print(
+            f"  trial {trial}: chunkstitch p50 {lm['p50_ms']:.1f} ms, p99 {lm['p99_ms']:.1f} ms"
+            f" ({lm['samples']:.0f} streams) | floor (a) p50 {floor['p50_ms']:.1f} ms, "
+            f"p99 {floor['p99_ms']:.1f} ms",
+            flush=True,
+        )
+    med = statistics.median
+    print(
+        f"median of {trials}: chunkstitch p50 {med(r['p50_ms'] for r in worker_runs):.1f} ms, "
+        f"p99 {med(r['p99_ms'] for r in worker_runs):.1f} ms; floor (a) p50 "
+        f"{med(r['p50_ms'] for r in floor_runs):.1f} ms, "
+        f"p99 {med(r['p99_ms'] for r in floor_runs):.1f} ms"
+    )
+    print(
+        f"worker RSS: {lm['rss_idle_mb']:.0f} MB idle, "
+        f"{lm['rss_10k_mb']:.0f} MB with 10,000 streams in flight"
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -363,12 +488,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--peak", type=float, default=None, help="skip (a)-(c); use this peak for the latency run"
     )
+    parser.add_argument(
+        "--latency-seconds", type=float, default=10, help="paced load per latency trial"
+    )
+    parser.add_argument("--latency-trials", type=int, default=3, help="latency trials")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="chunkstitch-bench-"))
     results: dict[str, dict[str, float]] = {}
     if args.peak:
-        lm = latency_and_memory(args.peak, tmp)
-        print(lm)
+        report_latency(args.peak, tmp, args.latency_seconds, args.latency_trials)
         return
     for variant, label in (
         ("aiokafka", "(a) aiokafka passthrough"),
@@ -391,19 +519,7 @@ def main(argv: list[str]) -> None:
         f"| (b) faust forward | {b:,.0f} |\n| (c) chunkstitch worker | {c:,.0f} |"
     )
     print(f"c/b = {c / b:.2f}   c/a = {c / a:.2f}")
-    print(
-        "\nmeasuring latency at half of (c)'s peak, and memory with 10,000 streams in flight ...",
-        flush=True,
-    )
-    lm = latency_and_memory(c, tmp)
-    print(
-        f"latency end marker -> response at {c / 2:,.0f} chunks/s: p50 {lm['p50_ms']:.1f} ms, "
-        f"p99 {lm['p99_ms']:.1f} ms ({lm['samples']:.0f} streams)"
-    )
-    print(
-        f"worker RSS: {lm['rss_idle_mb']:.0f} MB idle, "
-        f"{lm['rss_10k_mb']:.0f} MB with 10,000 streams in flight"
-    )
+    report_latency(c, tmp, args.latency_seconds, args.latency_trials)
     print("\nchunks/s by stream length (same total chunks):", flush=True)
     total = args.streams * 20
     for length in (20, 500, 5000):
