@@ -6,6 +6,7 @@ import importlib
 import sys
 
 BENCHMARKS: dict[str, str] = {
+    "broker": "benchmarks.broker",
     "core": "benchmarks.core",
     "e2e": "benchmarks.e2e",
     "publisher": "benchmarks.publisher",

@@ -301,22 +301,16 @@ def run_variant(variant: str, streams: int, chunks: int, tmp: Path) -> dict[str,
 
 
 async def _paced_latency(
-    broker: str,
-    topic_in: str,
-    topic_out: str,
-    rate: float,
-    seconds: float,
-    *,
-    markers_out: bool,
-    seed: int = 3,
+    settings: Settings, rate: float, seconds: float, *, markers_out: bool, seed: int = 3
 ) -> list[float]:
     """Publish 20-chunk streams with end markers at ``rate`` records/s for ``seconds``;
     per stream, the seconds from its end marker's publish (the ``send`` call, as a gateway
-    makes it) to the first record under its key arriving on ``topic_out`` at a consumer
+    makes it) to the first record under its key arriving on the responses topic at a consumer
     (which asks the broker every 10 ms, as the worker does). ``markers_out``: the output
     carries the end markers themselves (a passthrough), not responses."""
     n_streams = max(int(rate * seconds / 21), 10)
     records = _records(n_streams, 20, seed=seed)
+    broker, topic_in, topic_out = settings.broker, settings.topic_chunks, settings.topic_responses
     sent_at: dict[bytes, float] = {}
     arrived_at: dict[bytes, float] = {}
     c = AIOKafkaConsumer(
@@ -388,16 +382,7 @@ def latency_floor(rate: float, tmp: Path, seconds: float) -> dict[str, float]:
             while proc.stdout.readline().strip() != b"assigned":
                 if proc.poll() is not None:
                     raise RuntimeError(f"passthrough exited with {proc.returncode}")
-            lat = asyncio.run(
-                _paced_latency(
-                    broker.bootstrap,
-                    settings.topic_chunks,
-                    settings.topic_responses,
-                    rate,
-                    seconds,
-                    markers_out=True,
-                )
-            )
+            lat = asyncio.run(_paced_latency(settings, rate, seconds, markers_out=True))
         finally:
             _stop(proc)
     return _percentiles(lat)
@@ -414,16 +399,7 @@ def latency_and_memory(rate: float, tmp: Path, seconds: float) -> dict[str, floa
         proc = _worker(settings, tmp / "worker-lat.log")
         try:
             _wait_ready(_http_ready(settings.web_port), proc)
-            lat = asyncio.run(
-                _paced_latency(
-                    broker.bootstrap,
-                    settings.topic_chunks,
-                    settings.topic_responses,
-                    rate,
-                    seconds,
-                    markers_out=False,
-                )
-            )
+            lat = asyncio.run(_paced_latency(settings, rate, seconds, markers_out=False))
             idle_rss = _rss_mb(proc.pid)
             # 10,000 streams in flight: their first three chunks, no end.
             rng = random.Random(9)
@@ -465,14 +441,14 @@ def report_latency(peak: float, tmp: Path, seconds: float, trials: int) -> None:
         worker_runs.append(lm)
         print(
             f"  trial {trial}: chunkstitch p50 {lm['p50_ms']:.1f} ms, p99 {lm['p99_ms']:.1f} ms"
-            f" ({lm['samples']:.0f} streams) | floor (a) p50 {floor['p50_ms']:.1f} ms, "
+            f" ({lm['samples']:.0f} streams) | hop floor p50 {floor['p50_ms']:.1f} ms, "
             f"p99 {floor['p99_ms']:.1f} ms",
             flush=True,
         )
     med = statistics.median
     print(
         f"median of {trials}: chunkstitch p50 {med(r['p50_ms'] for r in worker_runs):.1f} ms, "
-        f"p99 {med(r['p99_ms'] for r in worker_runs):.1f} ms; floor (a) p50 "
+        f"p99 {med(r['p99_ms'] for r in worker_runs):.1f} ms; hop floor p50 "
         f"{med(r['p50_ms'] for r in floor_runs):.1f} ms, "
         f"p99 {med(r['p99_ms'] for r in floor_runs):.1f} ms"
     )

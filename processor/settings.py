@@ -55,8 +55,9 @@ class Settings(BaseSettings):
     )
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     commit_interval_s: float = Field(default=1.0, gt=0)
-    batch_max: int = Field(default=500, ge=1, description="Records taken per batch by the agent.")
-    batch_within_s: float = Field(default=0.01, gt=0)
+    batch_max: int = Field(
+        default=500, ge=1, description="Most records in one round before it is sealed."
+    )
 
     # --- completion detection ------------------------------------------------------------
     usage_grace_s: float = Field(

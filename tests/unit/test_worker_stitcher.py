@@ -28,6 +28,9 @@ class FakeSend:
         headers: list[tuple[str, bytes]] | None,
     ) -> asyncio.Future[Any]:
         self.sent.append((topic, key, value, partition))
+        return self._delivery()
+
+    def _delivery(self) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         fut.set_result(None)
         return fut
@@ -154,15 +157,7 @@ class GatedSend(FakeSend):
         super().__init__()
         self.pending: list[asyncio.Future[Any]] = []
 
-    async def __call__(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        partition: int | None,
-        headers: list[tuple[str, bytes]] | None,
-    ) -> asyncio.Future[Any]:
-        self.sent.append((topic, key, value, partition))
+    def _delivery(self) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.pending.append(fut)
         return fut
