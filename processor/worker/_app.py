@@ -1,9 +1,10 @@
 """The faust-streaming application: a thin shell around :class:`Stitcher`.
 
-One agent (concurrency 1) takes chunk records in batches (``take_events``), holds their
-acks (``message.incref()``), feeds them to the stitcher and lets it release them in offset
-order once the responses they produced are durable. A timer applies the time-based
-detection rules. Web views: ``/healthz``, ``/readyz``, ``/metrics``.
+One agent (concurrency 1) takes chunk records one by one, holds their acks
+(``message.incref()``), feeds them to the stitcher and seals a round whenever its queue is
+empty; the stitcher releases the acks in offset order once the responses they produced
+are durable. A timer applies the time-based detection rules. If outputs cannot be made
+durable the worker stops with an error. Web views: ``/healthz``, ``/readyz``, ``/metrics``.
 """
 
 from __future__ import annotations
