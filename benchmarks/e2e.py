@@ -66,16 +66,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 async def main():
     c = AIOKafkaConsumer(sys.argv[2], bootstrap_servers=sys.argv[1], group_id="bench-raw",
                          auto_offset_reset="earliest", session_timeout_ms=3000,
-                         heartbeat_interval_ms=500, fetch_max_wait_ms=int(sys.argv[4]))
-    p = AIOKafkaProducer(bootstrap_servers=sys.argv[1], acks="all", linger_ms=int(sys.argv[5]))
+                         heartbeat_interval_ms=500)
+    p = AIOKafkaProducer(bootstrap_servers=sys.argv[1], acks="all", linger_ms=5)
     await c.start(); await p.start()
     print("ready", flush=True)
-    said = False
     while True:
         batch = await c.getmany(timeout_ms=200, max_records=1000)
-        if not said and c.assignment():
-            print("assigned", flush=True)
-            said = True
         recs = [r for part in batch.values() for r in part]
         futs = [await p.send(sys.argv[3], r.value, key=r.key) for r in recs]
         if futs:
@@ -258,8 +254,6 @@ def run_variant(variant: str, streams: int, chunks: int, tmp: Path) -> dict[str,
                     broker.bootstrap,
                     settings.topic_chunks,
                     out_topic,
-                    "500",  # fetch wait: a full topic is waiting, so it never waits
-                    "5",  # linger
                 ],
                 stdout=subprocess.PIPE,
             )

@@ -208,7 +208,9 @@ def _stop_worker(app: faust.App, exc: BaseException) -> None:
         "and the output topics, then restart (unacknowledged records are replayed)",
         error=f"{type(exc).__name__}: {exc}",
     )
-    _pending.add(asyncio.ensure_future(app.crash(exc)))
+    task = asyncio.ensure_future(app.crash(exc))
+    _pending.add(task)
+    task.add_done_callback(_pending.discard)
 
 
 def _releaser(message: Any, consumer: Any) -> Callable[[], None]:
