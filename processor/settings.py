@@ -91,6 +91,34 @@ class Settings(BaseSettings):
     )
     tick_interval_s: float = Field(default=0.5, gt=0, description="Time-based detection period.")
 
+    # --- fencing, stalls, batches (worker) -----------------------------------------------
+    lease_fraction: float = Field(
+        default=0.4,
+        gt=0,
+        le=0.9,
+        description="The membership lease lasts this fraction of the session timeout from "
+        "the last heartbeat the coordinator answered without error; outputs and time rules "
+        "only while it is valid.",
+    )
+    stall_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A worker that waits this long for the broker (acknowledgements, the "
+        "group coordinator, a rebalance) or whose event loop does not run exits non-zero.",
+    )
+    producer_request_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest wait for one produce request of the worker (faust's default "
+        "is 20 minutes).",
+    )
+    gc_gen0_threshold: int = Field(
+        default=20_000,
+        ge=100,
+        description="Allocations between young-generation collections on the worker "
+        "(CPython's default is 700: the batch path allocates that in a few records).",
+    )
+
     # --- publisher -------------------------------------------------------------------------
     producer_acks: Literal["all", "1", "0"] = "all"
     producer_linger_ms: int = Field(default=5, ge=0)

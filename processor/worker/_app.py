@@ -1,10 +1,14 @@
 """The faust-streaming application: a thin shell around :class:`Stitcher`.
 
-One agent (concurrency 1) takes chunk records one by one, holds their acks
-(``message.incref()``), feeds them to the stitcher and seals a round whenever its queue is
-empty; the stitcher releases the acks in offset order once the responses they produced
-are durable. A timer applies the time-based detection rules. If outputs cannot be made
-durable the worker stops with an error. Web views: ``/healthz``, ``/readyz``, ``/metrics``.
+The chunk topic's records reach the stitcher in whole fetched batches, one round per
+batch (:mod:`processor.worker._faust` contains the faust internals this needs); the
+stitcher holds their acks and releases them in offset order into faust's commit
+bookkeeping once the responses they produced are durable. Everything else stays faust:
+group membership, assignment, commits, rebalance signals, timers, web views and the
+usage agent. A timer applies the time-based detection rules. Outputs and time rules are
+fenced by a membership lease; a watchdog stops the worker non-zero when a wait on the
+broker outlasts the stall timeout, or when outputs cannot be made durable.
+Web views: ``/healthz``, ``/readyz``, ``/metrics``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import faust
 from faust.web import Request, Response, View
@@ -24,8 +28,9 @@ from faust.web import Request, Response, View
 from processor import metrics
 from processor.logs import get_logger
 from processor.settings import Settings
-from processor.worker._fetch_wait import install_fetch_wait
-from processor.worker._stitcher import Record, Stitcher
+from processor.worker import _faust
+from processor.worker._stitcher import Stitcher
+from processor.worker._watchdog import EXIT_STALLED, LoopMonitor, Watchdog
 
 __all__ = ["PLUGINS", "create_app"]
 
@@ -52,7 +57,6 @@ def create_app(settings: Settings) -> faust.App:
     worker_id = f"{socket.gethostname()}:{settings.web_port}:{os.getpid()}"
     datadir = Path(settings.data_dir) / f"worker-{settings.web_port}"
     datadir.mkdir(parents=True, exist_ok=True)
-    install_fetch_wait(settings.fetch_max_wait_ms)
     app = faust.App(
         settings.app_id,
         broker=settings.faust_broker,
@@ -72,6 +76,8 @@ def create_app(settings: Settings) -> faust.App:
         topic_partitions=settings.partitions,
         topic_disable_leader=True,  # no leader-only work; one internal topic fewer
         producer_acks=-1,
+        producer_request_timeout=settings.producer_request_timeout_s,
+        broker_max_poll_records=settings.batch_max,
         # room for the largest response (larger ones are cut, see max_response_bytes)
         producer_max_request_size=max(settings.max_response_bytes + 64 * 1024, 1024 * 1024),
         processing_guarantee="at_least_once",
@@ -85,6 +91,7 @@ def create_app(settings: Settings) -> faust.App:
         value_serializer="raw",
         internal=False,
     )
+    app.topics.add(chunks)  # subscribed; its records take the batch path, not a stream
 
     async def send(
         topic: str,
@@ -96,57 +103,52 @@ def create_app(settings: Settings) -> faust.App:
         fut: Awaitable[Any] = await app.producer.send(topic, key, value, partition, None, headers)
         return fut
 
-    stitcher = Stitcher(settings, send, time.monotonic, worker_id)
+    lease = _faust.MembershipLease(settings.session_timeout_s, settings.lease_fraction)
+
+    def ack(partition: int, offsets: list[int]) -> None:
+        _faust.ack_offsets(app.consumer, tps[partition], offsets)
+
+    tps: dict[int, Any] = _TPs(settings.topic_chunks)
+    stitcher = Stitcher(settings, send, time.monotonic, worker_id, acker=ack, lease=lease)
     stitcher.on_failure = lambda exc: _stop_worker(app, exc)
     app.stitcher = stitcher  # type: ignore[attr-defined]
-    state = {"assigned": False}
+    _faust.install(app, stitcher, lease, settings.fetch_max_wait_ms)
+    state: dict[str, Any] = {"assigned": False, "rebalance_since": None}
 
-    @app.agent(chunks, concurrency=1)
-    async def stitch(stream: faust.StreamT[bytes]) -> None:
-        # Natural batching: records are handled as they arrive; a round is sealed (flush)
-        # as soon as no further record waits in the agent's queue, or after ``batch_max``
-        # records. An idle worker answers at once, a busy one batches by itself; no timer
-        # holds a record back. The stitcher lock keeps the timer out of an open round.
-        consumer = app.consumer
-        lock = stitcher.lock
-        queue_empty = cast(Any, stream).channel.empty
-        in_round = 0
-        try:
-            async for event in stream.events():
-                if not in_round:
-                    await lock.acquire()
-                message = event.message
-                message.incref()  # held: released in offset order by the stitcher
-                record = Record(
-                    topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                    key=message.key,
-                    value=message.value,
-                    headers=list(message.headers or ()),
-                    timestamp_ms=int(message.timestamp * 1000) if message.timestamp else None,
-                )
-                await stitcher.handle(record, _releaser(message, consumer))
-                in_round += 1
-                if in_round >= settings.batch_max or queue_empty():
-                    in_round = 0
-                    try:
-                        await stitcher.flush()
-                    finally:
-                        lock.release()
-        finally:
-            if in_round:
-                lock.release()
+    watchdog = Watchdog(settings.stall_timeout_s)
+    watchdog.add("produce acknowledgements from the broker", stitcher.oldest_round_age)
+    watchdog.add(
+        "the group coordinator to confirm this member (heartbeat or rejoin)",
+        lambda now: 0.0 if lease.valid(now) or lease.lost_at is None else now - lease.lost_at,
+    )
+    watchdog.add(
+        "the consumer group rebalance to complete",
+        lambda now: 0.0 if state["rebalance_since"] is None else now - state["rebalance_since"],
+    )
+    monitor = LoopMonitor(settings.stall_timeout_s)
+    app.watchdog = watchdog  # type: ignore[attr-defined]
 
     @app.timer(settings.tick_interval_s)  # type: ignore[untyped-decorator,unused-ignore]
     async def tick() -> None:
+        monitor.beat()
+        _note_highwaters(app, settings, stitcher)
         async with stitcher.lock:
             stitcher.tick()
             await stitcher.flush()
         _update_lag(app, settings, stitcher)
+        stalled = watchdog.stalled()
+        if stalled is not None:
+            _stall(app, *stalled, settings.stall_timeout_s)
+
+    @app.task  # type: ignore[untyped-decorator,unused-ignore]
+    async def start_monitor() -> None:
+        monitor.start()
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type,unused-ignore]
     async def on_revoked(sender: Any, revoked: set[Any], **kwargs: Any) -> None:
+        lease.revoke()  # a rebalance began: nothing is emitted until the new assignment
+        if state["rebalance_since"] is None:
+            state["rebalance_since"] = time.monotonic()
         async with stitcher.lock:
             stitcher.revoke([tp.partition for tp in revoked if tp.topic == settings.topic_chunks])
 
@@ -157,8 +159,9 @@ def create_app(settings: Settings) -> faust.App:
     @app.on_rebalance_complete.connect  # type: ignore[arg-type,unused-ignore]
     async def on_rebalanced(sender: Any, **kwargs: Any) -> None:
         if not state["assigned"]:
-            _freeze_startup_objects()
+            _freeze_startup_objects(settings.gc_gen0_threshold)
         state["assigned"] = True
+        state["rebalance_since"] = None
         log.info("rebalance complete", partitions=sorted(_assigned(app, settings)))
 
     @app.page("/healthz")
@@ -169,11 +172,13 @@ def create_app(settings: Settings) -> faust.App:
     @app.page("/readyz")
     class Readyz(View):
         async def get(self, request: Request) -> Response:
-            ready = bool(state["assigned"]) and not app.rebalancing
+            waiting = watchdog.long_waits(min(5.0, settings.stall_timeout_s / 4))
+            ready = bool(state["assigned"]) and not app.rebalancing and not waiting
             body = {
                 "ready": ready,
                 "partitions": sorted(_assigned(app, settings)),
                 "in_flight": sum(len(p.open) for p in stitcher.parts.values()),
+                "waiting_for": waiting,
             }
             return self.json(body, status=200 if ready else 503)
 
@@ -190,13 +195,75 @@ def create_app(settings: Settings) -> faust.App:
 _pending: set[asyncio.Future[None]] = set()
 
 
-def _freeze_startup_objects() -> None:
+def _freeze_startup_objects(gen0_threshold: int) -> None:
     """Move everything allocated while starting (modules, faust's services, the app) out of
     the collector's reach. Otherwise every full collection walks them again: a pause of
-    tens of milliseconds on the hot path, which showed up directly in the p99 latency."""
+    tens of milliseconds on the hot path, which showed up directly in the p99 latency.
+    Then raise the young-generation threshold: the batch path allocates CPython's default
+    700 objects within a few records, and most of them die with their round."""
     gc.collect()
     gc.freeze()
-    log.info("startup objects frozen for the garbage collector", objects=gc.get_freeze_count())
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(gen0_threshold, gen1, gen2)
+    log.info(
+        "startup objects frozen for the garbage collector",
+        objects=gc.get_freeze_count(),
+        gen0_threshold=gen0_threshold,
+    )
+
+
+class _TPs(dict[int, Any]):
+    """TopicPartition of the chunk topic by partition number, built on first use."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__()
+        self.topic = topic
+
+    def __missing__(self, partition: int) -> Any:
+        from faust.types import TP
+
+        tp = self[partition] = TP(self.topic, partition)
+        return tp
+
+
+def _stall(app: faust.App, what: str, seconds: float, limit: float) -> None:
+    """A wait on the broker outlasted the stall timeout: stop the worker non-zero."""
+    if getattr(app, "_chunkstitch_stalled", False):
+        return
+    app._chunkstitch_stalled = True  # type: ignore[attr-defined]
+    log.critical(
+        f"stopping the worker: waited {seconds:.0f}s for {what} "
+        f"(CHUNKSTITCH_STALL_TIMEOUT_S={limit:g}); the orchestrator restarts it and "
+        "unacknowledged records are replayed",
+        waited_for=what,
+    )
+    _hard_exit_later(EXIT_STALLED, 15.0)
+    task = asyncio.ensure_future(app.crash(RuntimeError(f"stalled waiting for {what}")))
+    _pending.add(task)
+    task.add_done_callback(_pending.discard)
+
+
+def _hard_exit_later(code: int, after_s: float) -> None:
+    """A clean stop may itself wait on the broker that stalled: end the process anyway."""
+    import threading
+
+    timer = threading.Timer(after_s, os._exit, (code,))
+    timer.daemon = True
+    timer.start()
+
+
+def _note_highwaters(app: faust.App, settings: Settings, stitcher: Stitcher) -> None:
+    """Hand the stitcher each partition's fetch high watermark (lag-aware time rules)."""
+    try:
+        consumer = app.consumer
+        marks = {
+            tp.partition: consumer.highwater(tp)
+            for tp in consumer.assignment()
+            if tp.topic == settings.topic_chunks
+        }
+    except Exception:  # the consumer is not started yet
+        return
+    stitcher.fetched(marks)
 
 
 def _stop_worker(app: faust.App, exc: BaseException) -> None:
@@ -208,16 +275,10 @@ def _stop_worker(app: faust.App, exc: BaseException) -> None:
         "and the output topics, then restart (unacknowledged records are replayed)",
         error=f"{type(exc).__name__}: {exc}",
     )
+    _hard_exit_later(1, 15.0)
     task = asyncio.ensure_future(app.crash(exc))
     _pending.add(task)
     task.add_done_callback(_pending.discard)
-
-
-def _releaser(message: Any, consumer: Any) -> Callable[[], None]:
-    def release() -> None:
-        message.ack(consumer)
-
-    return release
 
 
 def _assigned(app: faust.App, settings: Settings) -> set[int]:

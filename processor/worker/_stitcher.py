@@ -1,31 +1,36 @@
 """The worker's logic: records in, finished responses / dead letters / ledger out.
 
-Independent of faust: the agent hands it records with a ``release`` callback (acks the
-source message) and gives it a ``send`` function (produce, returning a delivery future).
-See docs/design.md, "Worker state design", for why acks are held and released in order.
+Independent of faust: the app hands it whole fetched batches (:meth:`Stitcher.handle_batch`,
+one round each) or single records with a ``release`` callback (:meth:`Stitcher.handle`),
+and gives it a ``send`` function (produce, returning a delivery future) and an ``acker``
+(acknowledge source offsets of a partition, in order). See docs/design.md, "Worker state
+design" for why acks are held and released in order, and "Fencing" for the lease that
+gates every output and time rule.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from processor import metrics
 from processor.core import (
     Assembler,
     ChunkRejected,
+    Decision,
     DetectionPolicy,
     StreamClock,
     decide,
     parse_chunk,
 )
-from processor.kafka import read_to_end
 from processor.logs import get_logger
 from processor.settings import Settings
+from processor.worker._ledger import read_ledger
 from topics import (
     DEADLETTER_VALUE_MAX,
     HEADER_REROUTED,
@@ -38,7 +43,7 @@ from topics import (
     decode_headers,
 )
 
-__all__ = ["Record", "SendFn", "Stitcher"]
+__all__ = ["AckFn", "Lease", "Record", "SendFn", "Stitcher"]
 
 log = get_logger("chunkstitch.worker")
 
@@ -47,6 +52,15 @@ SendFn = Callable[
     Awaitable[Awaitable[Any]],
 ]
 """``send(topic, key, value, partition, headers)`` -> awaitable delivery future."""
+
+AckFn = Callable[[int, list[int]], None]
+"""``ack(partition, offsets)``: acknowledge source offsets (ascending) of a partition."""
+
+
+class Lease(Protocol):
+    """The worker's membership lease (see :class:`processor.worker._faust.MembershipLease`)."""
+
+    def valid(self, now: float | None = None) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +84,8 @@ class _Open:
     offsets: list[int]
     first_ts: int | None
     last_ts: int | None
+    finished_ts: int | None = None
+    """Record timestamp when every choice was first seen finished (event-time usage grace)."""
     tenant: str | None = None
     provider: str | None = None
     started_ms: int | None = None
@@ -77,12 +93,46 @@ class _Open:
 
 @dataclass(slots=True)
 class _Partition:
-    held: deque[tuple[int, Callable[[], None]]] = field(default_factory=deque)
+    held: deque[tuple[int, Callable[[], None] | None]] = field(default_factory=deque)
+    """Source offsets taken and not yet acknowledged, in order (``None``: ack via acker)."""
     done: set[int] = field(default_factory=set)
     open: dict[str, _Open] = field(default_factory=dict)
-    ledger: dict[str, tuple[int, float]] = field(default_factory=dict)
-    """completion id -> (last source offset, when it was emitted, worker clock)."""
+    ledger: dict[str, int] = field(default_factory=dict)
+    """completion id -> highest last source offset recorded for it (emitted ids)."""
+    emitted: deque[tuple[float, str, int]] = field(default_factory=deque)
+    """(when emitted, worker clock; completion id; offset) in emission order: expiry."""
     loaded: bool = False
+    highwater: int | None = None
+    """The partition's end as the last fetch response reported it."""
+    next_offset: int | None = None
+    """The offset after the last record taken."""
+    stream_time_ms: int | None = None
+    """The latest record timestamp taken: the partition's own clock while it has lag."""
+
+    @property
+    def lagging(self) -> bool:
+        """Records are waiting in the partition beyond what was taken."""
+        return (
+            self.highwater is not None
+            and self.next_offset is not None
+            and self.highwater > self.next_offset
+        )
+
+
+_NEVER = float("-inf")
+"""A worker-clock ``now`` under which no wall-clock time rule holds."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Side:
+    """A dead letter or re-route: sent at :meth:`Stitcher.flush`, done once durable."""
+
+    partition: int
+    offset: int
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]] | None
 
 
 @dataclass(slots=True)
@@ -103,11 +153,20 @@ class Stitcher:
         send: SendFn,
         clock: Callable[[], float],
         worker_id: str = "worker",
+        *,
+        acker: AckFn | None = None,
+        lease: Lease | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.send = send
         self.clock = clock
         self.worker_id = worker_id
+        self.acker = acker
+        self.lease = lease
+        """Outputs and time rules only while it is valid; ``None``: always (unit tests)."""
+        self.wall_clock = wall_clock
+        self.topic = settings.topic_chunks
         self.policy = DetectionPolicy(
             usage_grace_s=settings.usage_grace_s,
             idle_timeout_s=settings.idle_timeout_s,
@@ -117,10 +176,11 @@ class Stitcher:
         )
         self.parts: dict[int, _Partition] = {}
         self._emit: list[_Emission] = []
-        self._side: list[tuple[int, int, Awaitable[Awaitable[Any]]]] = []
-        """(partition, offset, pending send) of dead letters and re-routes in this round."""
+        self._side: list[_Side] = []
+        """Dead letters and re-routes of this round, sent when it is sealed."""
         self._rounds: list[asyncio.Task[None]] = []
         """Sealed rounds whose outputs are not durable yet, oldest first."""
+        self._round_started: list[float] = []
         self.max_rounds_in_flight = 8
         self.failure: BaseException | None = None
         """The first error that kept a round from becoming durable; the worker stops."""
@@ -158,20 +218,20 @@ class Stitcher:
         return part is not None and part.loaded
 
     async def _load_ledgers(self, generations: dict[int, int]) -> None:
-        from aiokafka import TopicPartition
-
         partitions = list(generations)
+        # Only the period the ledger is used for (plus a minute of clock skew).
+        since_ms = int((self.wall_clock() - self.settings.emitted_memory_s - 60) * 1000)
         try:
-            records = await read_to_end(
-                self.settings,
-                [TopicPartition(self.settings.topic_ledger, p) for p in partitions],
+            by_partition = await read_ledger(
+                self.settings, partitions, since_ms, stall_s=self.settings.stall_timeout_s
             )
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                self._fail(exc)
+            raise
         finally:
             for p in partitions:
                 self._loading.pop(p, None)
-        by_partition: dict[int, list[Any]] = {p: [] for p in partitions}
-        for rec in records:
-            by_partition[rec.partition].append(rec)
         for p, recs in by_partition.items():
             if self._generation.get(p, 0) != generations[p]:
                 continue  # revoked while loading: a later assignment loads it afresh
@@ -182,16 +242,17 @@ class Stitcher:
                 self._apply_ledger(p, part, recs)
 
     def _apply_ledger(self, partition: int, part: _Partition, records: list[Any]) -> None:
+        """Ledger records in offset order. An id keeps the HIGHEST offset recorded for it,
+        whoever wrote it last (a stale worker's late write must not move it back)."""
         now = self.clock()
+        wall_ms = self.wall_clock() * 1000
+        ledger = part.ledger
         for rec in records:
-            if rec.key is None:
-                continue
+            if rec.key is None or rec.value is None:
+                continue  # tombstones are compaction's business: an id once emitted stays
             cid = rec.key.decode("utf-8", "replace")
-            if rec.value is None:
-                part.ledger.pop(cid, None)
-                continue
             try:
-                part.ledger[cid] = (int(rec.value), now)
+                offset = int(rec.value)
             except ValueError:
                 log.warning(
                     "ignoring a ledger record that is not an offset",
@@ -199,28 +260,94 @@ class Stitcher:
                     offset=rec.offset,
                     value=rec.value[:40].decode("utf-8", "replace"),
                 )
+                continue
+            known = ledger.get(cid)
+            if known is None or offset > known:
+                ledger[cid] = offset
+            age_s = max(wall_ms - rec.timestamp, 0) / 1000 if rec.timestamp else 0.0
+            part.emitted.append((now - age_s, cid, offset))
         part.loaded = True
         log.info("ledger loaded", partition=partition, entries=len(part.ledger))
 
     def revoke(self, partitions: Sequence[int]) -> None:
-        """Forget revoked partitions: their new owner rebuilds them from the log."""
+        """Forget revoked partitions: their new owner rebuilds them from the log. Outputs
+        of theirs not sent yet are dropped (the new owner emits them); rounds already sent
+        never release their acks (see :meth:`_current`)."""
+        gone = set(partitions)
         for partition in partitions:
             self._generation[partition] = self._generation.get(partition, 0) + 1
+            self.last_offset.pop(partition, None)
             part = self.parts.pop(partition, None)
             if part is not None:
                 log.info("partition revoked", partition=partition, open=len(part.open))
+        if gone:
+            self._emit = [e for e in self._emit if e.partition not in gone]
+            self._side = [s for s in self._side if s.partition not in gone]
         self._update_gauge()
 
     # -- records ------------------------------------------------------------------------
-    async def handle(self, rec: Record, release: Callable[[], None]) -> None:
-        """Take one record; its ack is held until everything it fed is durable.
+    async def handle(self, rec: Record, release: Callable[[], None] | None = None) -> None:
+        """Take one record; its ack is held until everything it fed is durable, then
+        ``release()`` is called (or, without one, the acker with its offset).
 
         A record that makes the stitcher itself fail becomes an ``internal_error`` dead
         letter: one bad record must never stop the worker."""
         part = await self._partition(rec.partition)
-        part.held.append((rec.offset, release))
-        self.last_offset[rec.partition] = rec.offset
+        self._take(part, rec, release)
         metrics.CHUNKS.inc()
+
+    async def handle_batch(
+        self,
+        batch: Sequence[tuple[Any, Sequence[Any]]],
+        current: Callable[[], bool] = lambda: True,
+    ) -> bool:
+        """One round from one fetch: ``[(TopicPartition, [ConsumerRecord, ...]), ...]``,
+        each partition's records in offset order; their acks go through the acker. The
+        round is sealed at the end. Takes nothing (returns False) when ``current()`` is
+        false once the lock is held: the batch was fetched before a rebalance began."""
+        async with self.lock:
+            if not current():
+                return False
+            taken = 0
+            for tp, records in batch:
+                partition = tp.partition
+                part = await self._partition(partition)
+                topic = tp.topic
+                take = self._take
+                for r in records:
+                    take(
+                        part,
+                        Record(topic, partition, r.offset, r.key, r.value, r.headers, r.timestamp),
+                        None,
+                    )
+                taken += len(records)
+            metrics.CHUNKS.inc(taken)
+            await self.flush()
+        return True
+
+    def fetched(self, highwaters: Mapping[int, int | None]) -> None:
+        """The fetch high watermarks of partitions (for the lag-aware time rules)."""
+        for partition, highwater in highwaters.items():
+            part = self.parts.get(partition)
+            if part is not None and highwater is not None:
+                part.highwater = highwater
+
+    async def wait_for_lease(self) -> None:
+        """Return once the membership lease is valid (at once without a lease)."""
+        lease = self.lease
+        if lease is None or lease.valid():
+            return
+        # The lease is renewed from faust's consumer thread (another event loop): poll.
+        while not lease.valid():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+    def _take(self, part: _Partition, rec: Record, release: Callable[[], None] | None) -> None:
+        part.held.append((rec.offset, release))
+        part.next_offset = rec.offset + 1
+        ts = rec.timestamp_ms
+        if ts is not None and ts > 0 and (part.stream_time_ms is None or ts > part.stream_time_ms):
+            part.stream_time_ms = ts
+        self.last_offset[rec.partition] = rec.offset
         try:
             self._handle(part, rec)
         except Exception as exc:
@@ -257,8 +384,8 @@ class Stitcher:
                 return
             self._reroute(rec, chunk.id)
             return
-        if cid in part.ledger:
-            last, _ = part.ledger[cid]
+        last = part.ledger.get(cid)
+        if last is not None:
             if rec.offset <= last:
                 metrics.REPLAY_SKIPPED.inc()
                 part.done.add(rec.offset)
@@ -284,6 +411,7 @@ class Stitcher:
             pass  # a duplicate: dropped by the assembler, counted in its metadata
         if stream.asm.all_choices_finished and stream.clock.finished_at is None:
             stream.clock.finished_at = now
+            stream.finished_ts = rec.timestamp_ms
         self._check(rec.partition, part, stream, now)
 
     def _note_meta(self, stream: _Open, meta: RecordMeta) -> None:
@@ -318,8 +446,17 @@ class Stitcher:
         stream.clock.end_reason = meta.end_reason
         self._check(rec.partition, part, stream, self.clock())
 
-    def _check(self, partition: int, part: _Partition, stream: _Open, now: float) -> None:
+    def _check(
+        self,
+        partition: int,
+        part: _Partition,
+        stream: _Open,
+        now: float,
+        event_now_s: float | None = None,
+    ) -> None:
         decision = decide(stream.asm, stream.clock, now, self.policy)
+        if decision is None and event_now_s is not None:
+            decision = self._decide_by_event_time(stream, event_now_s)
         if decision is None:
             return
         response = stream.asm.finish(status=decision.status, reason=decision.reason)
@@ -344,8 +481,28 @@ class Stitcher:
         if len(body) > self.settings.max_response_bytes:
             body = self._too_large(response, len(body), partition)
         del part.open[stream.cid]
-        part.ledger[stream.cid] = (stream.offsets[-1], now)
+        known = part.ledger.get(stream.cid)
+        if known is None or stream.offsets[-1] > known:
+            part.ledger[stream.cid] = stream.offsets[-1]
+        part.emitted.append((now, stream.cid, stream.offsets[-1]))
         self._emit.append(_Emission(partition, stream, body, meta.status, decision.rule))
+
+    def _decide_by_event_time(self, stream: _Open, event_now_s: float) -> Decision | None:
+        """The time rules judged by the partition's own clock (its latest record
+        timestamp) instead of the worker's: used while the partition has lag, where the
+        wall clock says nothing about whether a stream's next chunk is waiting unread."""
+        if stream.first_ts is None or stream.last_ts is None:
+            return None
+        clock = stream.clock
+        eclock = StreamClock(
+            opened_at=stream.first_ts / 1000,
+            last_chunk_at=stream.last_ts / 1000,
+            finished_at=stream.finished_ts / 1000 if stream.finished_ts is not None else None,
+            end_count=clock.end_count,
+            end_reason=clock.end_reason,
+            sequenced=clock.sequenced,
+        )
+        return decide(stream.asm, eclock, event_now_s, self.policy)
 
     def _too_large(self, response: ChatCompletion, size: int, partition: int) -> bytes:
         """A response too large for one record is emitted without its message bodies, with
@@ -397,34 +554,61 @@ class Stitcher:
             offset=rec.offset,
         )
         metrics.DEAD_LETTERS.labels(reason).inc()
-        pending = self.send(
-            self.settings.topic_deadletter,
-            rec.key,
-            letter.model_dump_json().encode(),
-            None,
-            None,
+        self._side.append(
+            _Side(
+                rec.partition,
+                rec.offset,
+                self.settings.topic_deadletter,
+                rec.key,
+                letter.model_dump_json().encode(),
+                None,
+            )
         )
-        self._side.append((rec.partition, rec.offset, pending))
 
     def _reroute(self, rec: Record, cid: str) -> None:
         headers = [
             *rec.headers,
             (HEADER_REROUTED, f"{rec.topic}/{rec.partition}/{rec.offset}".encode()),
         ]
-        pending = self.send(rec.topic, cid.encode(), rec.value, None, headers)
-        self._side.append((rec.partition, rec.offset, pending))
+        self._side.append(
+            _Side(rec.partition, rec.offset, rec.topic, cid.encode(), rec.value, headers)
+        )
 
     # -- time ---------------------------------------------------------------------------
     def tick(self) -> None:
-        """Apply the time-based rules (idle timeout, usage grace, lifetime) to every stream."""
+        """Apply the time-based rules (idle timeout, usage grace, lifetime) to every stream.
+
+        Only while the membership lease is valid: a worker that may have lost its
+        partitions (paused, cut off) judges nothing by time until the coordinator vouches
+        for it again or the partitions are revoked. A partition with lag (records waiting
+        beyond those taken, e.g. catching up on a backlog) is judged by its own record
+        timestamps, never by the wall clock: its next chunk may be among those waiting."""
         now = self.clock()
+        self._expire_ledger(now)
+        if self.lease is not None and not self.lease.valid():
+            return
         for partition, part in self.parts.items():
+            if not part.open:
+                continue
+            if part.lagging:
+                if part.stream_time_ms is None:
+                    continue
+                event_now = part.stream_time_ms / 1000
+                for stream in list(part.open.values()):
+                    self._check(partition, part, stream, _NEVER, event_now)
+                continue
             for stream in list(part.open.values()):
                 self._check(partition, part, stream, now)
-            horizon = now - self.settings.emitted_memory_s
-            if part.ledger and len(part.ledger) % 64 == 0:
-                for cid in [c for c, (_, at) in part.ledger.items() if at < horizon]:
-                    del part.ledger[cid]
+
+    def _expire_ledger(self, now: float) -> None:
+        """Forget emitted ids older than ``emitted_memory_s`` (oldest first, O(expired))."""
+        horizon = now - self.settings.emitted_memory_s
+        for part in self.parts.values():
+            emitted, ledger = part.emitted, part.ledger
+            while emitted and emitted[0][0] < horizon:
+                _, cid, offset = emitted.popleft()
+                if ledger.get(cid) == offset:
+                    del ledger[cid]
 
     # -- durability -----------------------------------------------------------------------
     async def flush(self) -> None:
@@ -434,26 +618,31 @@ class Stitcher:
         this round's acknowledgements are in flight. At most ``max_rounds_in_flight``
         rounds are pending; beyond that this waits for the oldest.
 
+        Fenced: while the membership lease is not valid nothing is sent; the round's
+        outputs stay pending until the lease is renewed (then the next flush sends them)
+        or their partitions are revoked (then they are dropped: the new owner emits them).
+
         Raises the error of a round that could not be made durable: nothing after it may
         be released, and the worker must stop (its records are replayed on restart)."""
         self._raise_failure()
-        emissions, self._emit = self._emit, []
-        side, self._side = self._side, []
-        if not emissions and not side:
+        if not self._emit and not self._side:
             self.release()  # records done on arrival (replays, end markers of emitted ones)
             return
+        if self.lease is not None and not self.lease.valid():
+            return
+        emissions, self._emit = self._emit, []
+        side, self._side = self._side, []
+        send, responses = self.send, self.settings.topic_responses
         deliveries = [
-            await self.send(
-                self.settings.topic_responses, e.stream.cid.encode(), e.body, None, None
-            )
-            for e in emissions
+            await send(responses, e.stream.cid.encode(), e.body, None, None) for e in emissions
         ]
-        deliveries += [await pending for _, _, pending in side]
+        deliveries += [await send(x.topic, x.key, x.value, None, x.headers) for x in side]
         generations = {e.partition: self._generation.get(e.partition, 0) for e in emissions}
-        for partition, _, _ in side:
-            generations[partition] = self._generation.get(partition, 0)
+        for x in side:
+            generations[x.partition] = self._generation.get(x.partition, 0)
         task = asyncio.ensure_future(self._settle(emissions, side, deliveries, generations))
         self._rounds.append(task)
+        self._round_started.append(self.clock())
         task.add_done_callback(self._round_done)
         while len(self._rounds) > self.max_rounds_in_flight:
             await asyncio.wait([self._rounds[0]])
@@ -469,18 +658,29 @@ class Stitcher:
     def rounds_in_flight(self) -> int:
         return len(self._rounds)
 
+    def oldest_round_age(self, now: float) -> float:
+        """How long the oldest sealed round has waited for its acknowledgements."""
+        return now - self._round_started[0] if self._round_started else 0.0
+
     def _round_done(self, task: asyncio.Task[None]) -> None:
-        self._rounds.remove(task)
+        index = self._rounds.index(task)
+        del self._rounds[index]
+        del self._round_started[index]
         if task.cancelled():
             return
         exc = task.exception()
         if exc is not None and self.failure is None:
-            self.failure = exc
             log.error(
                 "could not make a round of outputs durable; stopping: its source records "
                 "stay unacknowledged and are replayed when the worker restarts",
                 error=f"{type(exc).__name__}: {exc}",
             )
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """Something the worker cannot go on without failed: stop it (``on_failure``)."""
+        if self.failure is None:
+            self.failure = exc
             if self.on_failure is not None:
                 self.on_failure(exc)
 
@@ -491,7 +691,7 @@ class Stitcher:
     async def _settle(
         self,
         emissions: list[_Emission],
-        side: list[tuple[int, int, Awaitable[Awaitable[Any]]]],
+        side: list[_Side],
         deliveries: list[Awaitable[Any]],
         generations: dict[int, int],
     ) -> None:
@@ -523,10 +723,10 @@ class Stitcher:
             part = self._current(e.partition, generations)
             if part is not None:
                 part.done.update(e.stream.offsets)
-        for partition, offset, _ in side:
-            part = self._current(partition, generations)
+        for x in side:
+            part = self._current(x.partition, generations)
             if part is not None:
-                part.done.add(offset)
+                part.done.add(x.offset)
         self.release()
 
     def _current(self, partition: int, generations: dict[int, int]) -> _Partition | None:
@@ -538,12 +738,19 @@ class Stitcher:
 
     def release(self) -> None:
         """Ack every held record at the head of each partition whose work is done."""
-        for part in self.parts.values():
+        acker = self.acker
+        for partition, part in self.parts.items():
             held, done = part.held, part.done
+            batch: list[int] = []
             while held and held[0][0] in done:
                 offset, ack = held.popleft()
                 done.discard(offset)
-                ack()
+                if ack is None:
+                    batch.append(offset)
+                else:
+                    ack()
+            if batch and acker is not None:
+                acker(partition, batch)
         self._update_gauge()
 
     def _update_gauge(self) -> None:

@@ -100,7 +100,7 @@ async def test_acks_are_held_until_emission_and_released_in_offset_order() -> No
 
 async def test_ledger_skips_replayed_chunks_and_dead_letters_late_ones() -> None:
     stitcher, send, _, acked = _setup()
-    stitcher.parts[0].ledger["c1"] = (5, 100.0)
+    stitcher.parts[0].ledger["c1"] = 5
     await stitcher.handle(_rec(4, b"c1", _chunk("a"), RecordMeta(seq=0)), lambda: acked.append(4))
     await stitcher.handle(_rec(9, b"c1", _chunk("z"), RecordMeta(seq=7)), lambda: acked.append(9))
     await stitcher.flush()

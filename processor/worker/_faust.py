@@ -1,0 +1,327 @@
+"""Every place where chunkstitch reaches into faust-streaming's (and aiokafka's) private
+internals. Tested with faust-streaming 0.15.3 and aiokafka 0.14 (pinned in pyproject.toml);
+``tests/unit/test_faust_internals.py`` fails, naming the symbol, when one of them changes.
+
+What is overridden, and why:
+
+1. **Fetch wait** (``AIOKafkaConsumerThread._create_worker_consumer``). faust hard-codes
+   ``fetch_max_wait_ms=1500``; a broker that answers a fetch only when that wait expires
+   (the embedded broker) then adds up to 1.5 s to every completion. The wrapper sets the
+   wait from ``CHUNKSTITCH_FETCH_MAX_WAIT_MS``.
+
+2. **Batch ingestion** (``Consumer._drain_messages``). faust hands every record to its
+   conductor one by one (``wait_first(callback(message), ...)``: several tasks and loop
+   iterations, an Event, a Message, sensors and a stream queue per record), which cost
+   about 80% of the worker's CPU. For the chunk topic only, :class:`BatchConsumer` takes
+   each fetched batch as it comes from ``_wait_next_records`` and gives it to a
+   :class:`BatchHandler` (the stitcher) as one round. It keeps what faust's loop does
+   around that: flow control (no records while the flow is stopped for a rebalance), the
+   generation check (a batch fetched before a rebalance is dropped), read offsets and gap
+   tracking (so commits step over compacted or transactional gaps as faust does), and the
+   ``broker_commit_every`` trigger. Acknowledgements go into faust's own commit bookkeeping
+   (:func:`ack_offsets`, the same steps as ``Consumer.ack`` under ``ack_lock``), so
+   faust's commit logic, commit interval and rebalance handling stay as they are. Records of
+   every other topic (the usage agent's) take faust's ordinary per-message path.
+
+3. **Membership lease** (``aiokafka``'s ``GroupCoordinator._send_req``). The stitcher
+   emits only while the worker holds a lease that the group coordinator renewed: a
+   heartbeat or SyncGroup answered without error, timed from when the request was *sent*
+   (see docs/design.md, "Fencing"). aiokafka has no public hook for heartbeat results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+__all__ = [
+    "BatchConsumer",
+    "BatchHandler",
+    "MembershipLease",
+    "ack_offsets",
+    "install",
+    "install_lease_hook",
+]
+
+FAUST_TESTED = ("0.15.3",)
+AIOKAFKA_TESTED = ("0.14.0",)
+
+
+# -- 1. fetch wait ---------------------------------------------------------------------
+_fetch_wait: dict[str, int] = {}
+
+
+def install_fetch_wait(wait_ms: int) -> None:
+    """Make every faust worker consumer created from now on use ``wait_ms``."""
+    from faust.transport.drivers import aiokafka as driver
+
+    thread: Any = driver.AIOKafkaConsumerThread
+    _fetch_wait["wait_ms"] = wait_ms
+    if getattr(thread, "_chunkstitch_wrapped", False):
+        return
+    original = thread._create_worker_consumer
+
+    def create(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = _fetch_wait["wait_ms"]
+        return consumer
+
+    thread._create_worker_consumer = create
+    thread._chunkstitch_wrapped = True
+
+
+# -- 2. batch ingestion ------------------------------------------------------------------
+class BatchHandler(Protocol):
+    """Who takes the chunk topic's batches (the worker's stitcher round)."""
+
+    topic: str
+
+    async def wait_for_lease(self) -> None:
+        """Return once this member may take records (outside any lock)."""
+
+    async def handle_batch(
+        self, batch: Sequence[tuple[Any, Sequence[Any]]], current: Callable[[], bool]
+    ) -> bool:
+        """One round: ``[(TopicPartition, [aiokafka ConsumerRecord, ...]), ...]``. Checks
+        ``current()`` once it holds its lock and takes nothing (False) when the batch was
+        fetched before a rebalance began."""
+
+    def fetched(self, highwaters: Mapping[int, int | None]) -> None:
+        """The fetch high watermarks of the partitions just fetched."""
+
+
+def ack_offsets(consumer: Any, tp: Any, offsets: Sequence[int]) -> None:
+    """Acknowledge ``offsets`` of ``tp`` in faust's commit bookkeeping, in one step.
+
+    The same steps as ``faust.transport.consumer.Consumer.ack`` for one message, for many
+    offsets and without Message objects: only offsets at or above the committed one count,
+    each once."""
+    from faust.types.tuples import ack_lock
+    from mode.utils.futures import notify
+
+    with ack_lock:
+        committed = consumer._committed_offset[tp]
+        index = consumer._acked_index[tp]
+        fresh = [o for o in offsets if (committed is None or o >= committed) and o not in index]
+        if fresh:
+            index.update(fresh)
+            consumer._acked[tp].extend(fresh)
+            consumer._n_acked += len(fresh)
+        notify(consumer._waiting_for_ack)
+
+
+def _batch_consumer_class() -> type:
+    from faust.transport.consumer import CONSUMER_FETCHING
+    from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
+
+    class _BatchConsumer(AIOKafkaConsumer):
+        """faust's aiokafka consumer with a batch path for one topic (see the module doc)."""
+
+        batch_handler: BatchHandler | None = None
+
+        async def _drain_messages(self, fetcher: Any) -> None:
+            handler = self.batch_handler
+            if handler is None:
+                await super()._drain_messages(fetcher)
+                return
+            try:
+                await self._drain_batches(fetcher, handler)
+            except self.consumer_stopped_errors:
+                if self.transport.app.should_stop:
+                    self.log.info("Broker stopped consumer, shutting down...")
+                    return
+                raise
+            except asyncio.CancelledError:
+                if self.transport.app.should_stop:
+                    return
+                raise
+
+        async def _drain_batches(self, fetcher: Any, handler: BatchHandler) -> None:
+            callback = self.callback
+            consumer_stopped = self._stopped.is_set
+            fetcher_stopped = fetcher._stopped.is_set
+            read_offset = self._read_offset
+            acks_enabled_for = self.app.topics.acks_enabled_for
+            topic = handler.topic
+            app = self.app
+            while not (consumer_stopped() or fetcher_stopped()):
+                self.diag.set_flag(CONSUMER_FETCHING)
+                records, active = await self._wait_next_records(1.0)
+                generation = app.consumer_generation_id
+                await asyncio.sleep(0)
+                if records is None or self.should_stop:
+                    continue
+                if not self.flow_active:
+                    try:
+                        await self.perform_seek()
+                    except Exception as exc:  # as faust's own getmany does
+                        self.log.warning(f"exception performing seek when flow not active {exc}")
+                    continue
+                highwaters: dict[int, int | None] = {}
+                batch: list[tuple[Any, Sequence[Any]]] = []
+                others: list[tuple[Any, Sequence[Any]]] = []
+                recs: Sequence[Any]
+                for tp, recs in records.items():
+                    if not recs or (
+                        active is not None
+                        and tp not in active
+                        and tp not in self._buffered_partitions
+                    ):
+                        continue
+                    # faust's read offset: the last offset taken, or after a seek the
+                    # committed one (the next to take); like faust, take offset >= it.
+                    last = read_offset[tp]
+                    if last is not None and recs[0].offset < last:
+                        recs = [r for r in recs if r.offset >= last]
+                        if not recs:
+                            continue
+                    first = recs[0].offset
+                    if last is not None and first - last > 1 and acks_enabled_for(tp.topic):
+                        await self._add_gap(tp, last + 1, first)
+                    # gaps inside a batch (compaction, transaction markers)
+                    if recs[-1].offset - first + 1 != len(recs) and acks_enabled_for(tp.topic):
+                        prev = first
+                        for r in recs[1:]:
+                            if r.offset - prev > 1:
+                                await self._add_gap(tp, prev + 1, r.offset)
+                            prev = r.offset
+                    if tp.topic == topic:
+                        batch.append((tp, recs))
+                        highwaters[tp.partition] = self.highwater(tp)
+                    else:
+                        others.append((tp, recs))
+                if batch:
+                    handler.fetched(highwaters)
+                    await handler.wait_for_lease()
+
+                    def current(generation: int = generation) -> bool:
+                        return app.consumer_generation_id == generation and self.flow_active
+
+                    # Not current: a rebalance began; faust seeks every assigned partition
+                    # back to its committed offset after it, so these are fetched again.
+                    if not await handler.handle_batch(batch, current):
+                        continue
+                    for tp, recs in batch:
+                        read_offset[tp] = recs[-1].offset
+                for tp, recs in others:
+                    for record in recs:
+                        if app.consumer_generation_id != generation or not self.flow_active:
+                            break
+                        await self.wait_first(
+                            callback(self._to_message(tp, record)), self.suspend_flow.wait()
+                        )
+                        read_offset[tp] = record.offset
+                commit_every = self._commit_every
+                if commit_every is not None and self._n_acked >= commit_every:
+                    self._n_acked = 0
+                    await self.commit()
+                self.diag.unset_flag(CONSUMER_FETCHING)
+
+    return _BatchConsumer
+
+
+_classes: dict[str, type] = {}
+
+
+def BatchConsumer() -> type:
+    """The batch consumer class (built on first use: importing faust is slow)."""
+    if "consumer" not in _classes:
+        _classes["consumer"] = _batch_consumer_class()
+    return _classes["consumer"]
+
+
+def install_batch_consumer(app: Any, handler: BatchHandler) -> None:
+    """Make ``app`` build its consumer from :func:`BatchConsumer` feeding ``handler``."""
+    cls = BatchConsumer()
+    transport = app.transport
+    base_create = transport.create_consumer
+
+    def create_consumer(callback: Any, **kwargs: Any) -> Any:
+        consumer = cls(transport, callback=callback, loop=transport.loop, **kwargs)
+        consumer.batch_handler = handler
+        return consumer
+
+    del base_create
+    transport.create_consumer = create_consumer
+
+
+# -- 3. membership lease -------------------------------------------------------------------
+class MembershipLease:
+    """Until when the group coordinator vouches for this member (monotonic clock).
+
+    Renewed by a heartbeat or SyncGroup answered without error: the coordinator then
+    keeps the member for at least a session timeout from when it *received* the request,
+    which is after it was sent, so ``sent + fraction * session_timeout`` is a safe end.
+    ``fraction`` is below 1 because some brokers complete a rebalance in about half a
+    session timeout (the embedded broker does)."""
+
+    def __init__(
+        self,
+        session_timeout_s: float,
+        fraction: float = 0.4,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.length_s = session_timeout_s * fraction
+        self.clock = clock
+        self.until = 0.0
+        self.renewals = 0
+        self.lost_at: float | None = clock()
+        """When the lease last lapsed (``None`` while valid)."""
+
+    def renew(self, sent_at: float) -> None:
+        until = sent_at + self.length_s
+        if until > self.until:
+            self.until = until
+        self.renewals += 1
+
+    def revoke(self) -> None:
+        """A rebalance began or the member was fenced: no lease until renewed."""
+        self.until = 0.0
+
+    def valid(self, now: float | None = None) -> bool:
+        now = self.clock() if now is None else now
+        ok = now < self.until
+        if ok:
+            self.lost_at = None
+        elif self.lost_at is None:
+            self.lost_at = now
+        return ok
+
+
+_leases: dict[str, MembershipLease] = {}
+
+
+def install_lease_hook(group_id: str, lease: MembershipLease) -> None:
+    """Renew ``lease`` from the answers the coordinator gives this process's group member
+    ``group_id`` (aiokafka's ``GroupCoordinator._send_req``)."""
+    from aiokafka.consumer.group_coordinator import GroupCoordinator
+    from aiokafka.protocol.group import HeartbeatRequest, SyncGroupRequest
+
+    _leases[group_id] = lease
+    if getattr(GroupCoordinator, "_chunkstitch_lease", False):
+        return
+    original: Callable[[Any, Any], Awaitable[Any]] = GroupCoordinator._send_req
+    watched = (HeartbeatRequest, SyncGroupRequest)
+
+    async def send_req(self: Any, request: Any) -> Any:
+        sent = time.monotonic()
+        resp = await original(self, request)
+        target = _leases.get(self.group_id)
+        if target is not None and isinstance(request, watched):
+            if getattr(resp, "error_code", None) == 0:
+                target.renew(sent)
+            else:
+                target.revoke()
+        return resp
+
+    GroupCoordinator._send_req = send_req
+    GroupCoordinator._chunkstitch_lease = True
+
+
+def install(app: Any, handler: BatchHandler, lease: MembershipLease, fetch_wait_ms: int) -> None:
+    """Apply every override to ``app`` (before it starts)."""
+    install_fetch_wait(fetch_wait_ms)
+    install_batch_consumer(app, handler)
+    install_lease_hook(app.conf.id, lease)

@@ -1,0 +1,178 @@
+"""Reading the emitted ledger back after an assignment: only the period it is used for.
+
+The ledger remembers which completions were emitted (id -> last source offset) for
+``emitted_memory_s``; older entries are of no use, so a newly assigned partition is read
+from the first record written within that period up to the partition's end, never from
+the beginning of its retention. The start comes from ``offsets_for_times`` where the
+broker answers it correctly (Apache Kafka); the answer is checked against the records'
+own timestamps, and where it is wrong (the embedded broker answers the first offset) a
+bisection over record timestamps finds it: O(log n) single-record fetches.
+
+The end is the high watermark of fetch responses (see :mod:`processor.kafka`). No fixed
+timeout: the read gives up only when the broker returns nothing for ``stall_s`` while
+records remain, and it logs its progress every few seconds on long reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaConnectionError, KafkaError
+
+from processor.kafka import BrokerUnreachable, unreachable_message
+from processor.logs import get_logger
+from processor.settings import Settings
+
+__all__ = ["LedgerStalled", "read_ledger"]
+
+log = get_logger("chunkstitch.worker")
+
+Records = list[ConsumerRecord[bytes, bytes]]
+
+
+class LedgerStalled(RuntimeError):
+    """The broker stopped returning ledger records while some remained."""
+
+
+async def read_ledger(
+    settings: Settings,
+    partitions: Sequence[int],
+    since_ms: int,
+    *,
+    stall_s: float = 60.0,
+    progress_every_s: float = 5.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[int, Records]:
+    """Ledger records of ``partitions`` written at or after ``since_ms`` (epoch ms)."""
+    out: dict[int, Records] = {p: [] for p in partitions}
+    if not partitions:
+        return out
+    tps = [TopicPartition(settings.topic_ledger, p) for p in partitions]
+    consumer: AIOKafkaConsumer = AIOKafkaConsumer(
+        **settings.kafka_kwargs(),
+        enable_auto_commit=False,
+        group_id=None,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=20,  # reading to a known end: never wait for new records
+    )
+    try:
+        await consumer.start()
+    except KafkaConnectionError as exc:
+        raise BrokerUnreachable(unreachable_message(settings, exc)) from exc
+    try:
+        consumer.assign(tps)
+        starts = await _start_offsets(consumer, tps, since_ms)
+        for tp in tps:
+            consumer.seek(tp, starts[tp])
+        await _read_to_end(consumer, tps, out, stall_s, progress_every_s, clock)
+    except KafkaError as exc:
+        raise BrokerUnreachable(unreachable_message(settings, exc)) from exc
+    finally:
+        await asyncio.shield(consumer.stop())
+    return out
+
+
+async def _start_offsets(
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition], since_ms: int
+) -> dict[TopicPartition, int]:
+    begin = await consumer.beginning_offsets(tps)
+    end = await consumer.end_offsets(tps)  # may be short of the true end: only a bound
+    answers = await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
+    starts: dict[TopicPartition, int] = {}
+    for tp in tps:
+        lo, hi = begin[tp], max(end[tp], begin[tp])
+        answer = answers.get(tp)
+        guess = answer.offset if answer is not None else hi
+        if await _is_first_at_or_after(consumer, tp, guess, since_ms, lo, hi):
+            starts[tp] = guess
+        else:
+            starts[tp] = await _bisect(consumer, tp, since_ms, lo, hi)
+    return starts
+
+
+async def _timestamp_at(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> int | None:
+    """Timestamp of the first record at or after ``offset`` (``None``: none there)."""
+    consumer.seek(tp, offset)
+    for _ in range(3):
+        batch = await consumer.getmany(tp, timeout_ms=500, max_records=1)
+        for recs in batch.values():
+            for rec in recs:
+                if rec.offset >= offset:
+                    return int(rec.timestamp)
+    return None
+
+
+async def _is_first_at_or_after(
+    consumer: AIOKafkaConsumer, tp: TopicPartition, guess: int, since_ms: int, lo: int, hi: int
+) -> bool:
+    """Whether ``guess`` is where records of ``since_ms`` or later begin."""
+    if guess < lo or guess > hi:
+        return False
+    if guess > lo:
+        before = await _timestamp_at(consumer, tp, guess - 1)
+        if before is not None and before >= since_ms:
+            return False
+    if guess < hi:
+        at = await _timestamp_at(consumer, tp, guess)
+        if at is not None and at < since_ms:
+            return False
+    return True
+
+
+async def _bisect(
+    consumer: AIOKafkaConsumer, tp: TopicPartition, since_ms: int, lo: int, hi: int
+) -> int:
+    """The first offset in ``[lo, hi)`` whose record is at or after ``since_ms``."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        ts = await _timestamp_at(consumer, tp, mid)
+        if ts is None or ts >= since_ms:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+async def _read_to_end(
+    consumer: AIOKafkaConsumer,
+    tps: list[TopicPartition],
+    out: dict[int, Records],
+    stall_s: float,
+    progress_every_s: float,
+    clock: Callable[[], float],
+) -> None:
+    remaining = set(tps)
+    last_progress = started = last_log = clock()
+    total = 0
+    while remaining:
+        batch: dict[Any, Records] = await consumer.getmany(*remaining, timeout_ms=200)
+        now = clock()
+        for tp, records in batch.items():
+            if records:
+                out[tp.partition].extend(records)
+                total += len(records)
+                last_progress = now
+        for tp in list(remaining):
+            highwater = consumer.highwater(tp)
+            if highwater is not None and await consumer.position(tp) >= highwater:
+                remaining.discard(tp)
+        if not remaining:
+            break
+        if now - last_progress > stall_s:
+            raise LedgerStalled(
+                f"the broker returned no ledger records for {stall_s:.0f}s while "
+                f"{sorted(tp.partition for tp in remaining)} still had records to read; "
+                "check the broker (the worker restarts and reads again)"
+            )
+        if now - last_log >= progress_every_s:
+            last_log = now
+            log.info(
+                "reading the ledger",
+                records=total,
+                seconds=round(now - started, 1),
+                partitions=sorted(tp.partition for tp in remaining),
+            )
