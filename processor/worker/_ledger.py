@@ -80,11 +80,13 @@ async def _start_offsets(
     consumer: AIOKafkaConsumer, tps: list[TopicPartition], since_ms: int
 ) -> dict[TopicPartition, int]:
     begin = await consumer.beginning_offsets(tps)
-    end = await consumer.end_offsets(tps)  # may be short of the true end: only a bound
+    end = await consumer.end_offsets(tps)  # may be short of the true end (embedded broker)
     answers = await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
     starts: dict[TopicPartition, int] = {}
     for tp in tps:
-        lo, hi = begin[tp], max(end[tp], begin[tp])
+        lo = begin[tp]
+        await _timestamp_at(consumer, tp, lo)  # one fetch: its high watermark is the true end
+        hi = max(end[tp], lo, consumer.highwater(tp) or 0)
         answer = answers.get(tp)
         guess = answer.offset if answer is not None else hi
         if await _is_first_at_or_after(consumer, tp, guess, since_ms, lo, hi):

@@ -1,0 +1,100 @@
+"""The private faust-streaming and aiokafka internals that processor/worker/_faust.py relies
+on. When an upgrade changes one of them, this fails and names it: read the module's
+docstring, check the new code, then update the override and the pins together."""
+
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import version
+
+import pytest
+
+from processor.worker import _faust
+
+
+def test_the_installed_versions_are_the_tested_ones() -> None:
+    assert version("faust-streaming") in _faust.FAUST_TESTED, (
+        f"faust-streaming {version('faust-streaming')} is not among the versions "
+        f"processor/worker/_faust.py was tested with {_faust.FAUST_TESTED}"
+    )
+    assert version("aiokafka") in _faust.AIOKAFKA_TESTED, (
+        f"aiokafka {version('aiokafka')} is not among {_faust.AIOKAFKA_TESTED}"
+    )
+
+
+CONSUMER_METHODS = {
+    "_drain_messages": ["self", "fetcher"],
+    "_wait_next_records": ["self", "timeout"],
+    "_add_gap": ["self", "tp", "offset_from", "offset_to"],
+    "perform_seek": ["self"],
+    "commit": None,
+    "ack": ["self", "message"],
+    "_new_offset": ["self", "tp"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONSUMER_METHODS))
+def test_faust_consumer_methods(name: str) -> None:
+    from faust.transport.consumer import Consumer
+
+    method = getattr(Consumer, name, None)
+    assert method is not None, f"faust.transport.consumer.Consumer.{name} is gone"
+    expected = CONSUMER_METHODS[name]
+    if expected is not None:
+        params = list(inspect.signature(method).parameters)
+        assert params == expected, f"Consumer.{name} now takes {params}, not {expected}"
+
+
+def test_faust_consumer_state_the_batch_path_maintains() -> None:
+    from faust.transport.consumer import Consumer
+
+    source = inspect.getsource(Consumer.__init__)
+    for attr in (
+        "_acked",
+        "_acked_index",
+        "_read_offset",
+        "_committed_offset",
+        "_gap",
+        "_waiting_for_ack",
+        "_buffered_partitions",
+        "_commit_every",
+        "suspend_flow",
+    ):
+        assert f"self.{attr} =" in source, f"faust Consumer no longer sets self.{attr}"
+    ack = inspect.getsource(Consumer.ack)
+    for step in ("_acked_index[tp]", "_acked[tp]", "_n_acked += 1", "_committed_offset[tp]"):
+        assert step in ack, f"faust Consumer.ack no longer does {step!r}: update ack_offsets"
+    assert "wait_first(" in inspect.getsource(Consumer._drain_messages)
+
+
+def test_faust_ack_lock_and_driver_hooks() -> None:
+    from faust.transport.drivers import aiokafka as driver
+    from faust.types import tuples
+
+    assert hasattr(tuples, "ack_lock"), "faust.types.tuples.ack_lock is gone"
+    assert hasattr(driver.AIOKafkaConsumerThread, "_create_worker_consumer")
+    assert "_max_poll_records" in inspect.getsource(driver.AIOKafkaConsumerThread.getmany)
+    params = list(inspect.signature(driver.Transport.create_consumer).parameters)
+    assert params[:2] == ["self", "callback"], f"Transport.create_consumer takes {params}"
+
+
+def test_aiokafka_coordinator_request_hook() -> None:
+    from aiokafka.consumer.group_coordinator import GroupCoordinator
+    from aiokafka.protocol.group import HeartbeatRequest, SyncGroupRequest
+
+    params = list(inspect.signature(GroupCoordinator._send_req).parameters)
+    assert params == ["self", "request"], f"GroupCoordinator._send_req takes {params}"
+    heartbeat = inspect.getsource(GroupCoordinator._do_heartbeat)
+    assert "HeartbeatRequest(" in heartbeat
+    assert "self._send_req(request)" in heartbeat
+    assert inspect.isclass(HeartbeatRequest)
+    assert inspect.isclass(SyncGroupRequest)
+
+
+def test_the_batch_consumer_is_faust_s_aiokafka_consumer_with_one_method_overridden() -> None:
+    from faust.transport.drivers.aiokafka import Consumer
+
+    cls = _faust.BatchConsumer()
+    assert issubclass(cls, Consumer)
+    overridden = {n for n, v in vars(cls).items() if callable(v) and not n.startswith("__")}
+    assert overridden == {"_drain_messages", "_drain_batches"}
