@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from topics import TopicNames
@@ -163,6 +163,16 @@ class Settings(BaseSettings):
                     f"use host:port, e.g. {host}:9092"
                 )
         return ",".join(hosts)
+
+    @model_validator(mode="after")
+    def _ledger_outlives_streams(self) -> Settings:
+        if self.emitted_memory_s <= self.max_lifetime_s:
+            raise ValueError(
+                f"CHUNKSTITCH_EMITTED_MEMORY_S ({self.emitted_memory_s:g}) must be longer "
+                f"than CHUNKSTITCH_MAX_LIFETIME_S ({self.max_lifetime_s:g}): a replay after a "
+                "restart reaches back up to a stream's lifetime"
+            )
+        return self
 
     @property
     def bootstrap_servers(self) -> list[str]:
