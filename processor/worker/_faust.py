@@ -82,11 +82,14 @@ class BatchHandler(Protocol):
         """Return once this member may take records (outside any lock)."""
 
     async def handle_batch(
-        self, batch: Sequence[tuple[Any, Sequence[Any]]], current: Callable[[], bool]
+        self,
+        batch: Sequence[tuple[Any, Sequence[Any]]],
+        current: Callable[[], bool],
+        taken: Callable[[], None],
     ) -> bool:
         """One round: ``[(TopicPartition, [aiokafka ConsumerRecord, ...]), ...]``. Checks
         ``current()`` once it holds its lock and takes nothing (False) when the batch was
-        fetched before a rebalance began."""
+        fetched before a rebalance began; otherwise calls ``taken()`` still holding it."""
 
     def fetched(self, highwaters: Mapping[int, int | None]) -> None:
         """The fetch high watermarks of the partitions just fetched."""
@@ -199,12 +202,16 @@ def _batch_consumer_class() -> type:
                     def current(generation: int = generation) -> bool:
                         return app.consumer_generation_id == generation and self.flow_active
 
+                    def taken(batch: list[tuple[Any, Sequence[Any]]] = batch) -> None:
+                        # Under the handler's lock: a revocation waits for that lock, and
+                        # faust's seek to the committed offsets (which resets these) comes
+                        # after the revocation, so no stale read offset survives it.
+                        for tp, recs in batch:
+                            read_offset[tp] = recs[-1].offset
+
                     # Not current: a rebalance began; faust seeks every assigned partition
                     # back to its committed offset after it, so these are fetched again.
-                    if not await handler.handle_batch(batch, current):
-                        continue
-                    for tp, recs in batch:
-                        read_offset[tp] = recs[-1].offset
+                    await handler.handle_batch(batch, current, taken)
                 for tp, recs in others:
                     for record in recs:
                         if app.consumer_generation_id != generation or not self.flow_active:

@@ -300,15 +300,17 @@ class Stitcher:
         self,
         batch: Sequence[tuple[Any, Sequence[Any]]],
         current: Callable[[], bool] = lambda: True,
+        taken: Callable[[], None] = lambda: None,
     ) -> bool:
         """One round from one fetch: ``[(TopicPartition, [ConsumerRecord, ...]), ...]``,
         each partition's records in offset order; their acks go through the acker. The
         round is sealed at the end. Takes nothing (returns False) when ``current()`` is
-        false once the lock is held: the batch was fetched before a rebalance began."""
+        false once the lock is held: the batch was fetched before a rebalance began.
+        ``taken()`` is called under the lock once the records are taken."""
         async with self.lock:
             if not current():
                 return False
-            taken = 0
+            count = 0
             for tp, records in batch:
                 partition = tp.partition
                 part = await self._partition(partition)
@@ -320,8 +322,9 @@ class Stitcher:
                         Record(topic, partition, r.offset, r.key, r.value, r.headers, r.timestamp),
                         None,
                     )
-                taken += len(records)
-            metrics.CHUNKS.inc(taken)
+                count += len(records)
+            metrics.CHUNKS.inc(count)
+            taken()
             await self.flush()
         return True
 
