@@ -110,7 +110,7 @@ def create_app(settings: Settings) -> faust.App:
 
     tps: dict[int, Any] = _TPs(settings.topic_chunks)
     stitcher = Stitcher(settings, send, time.monotonic, worker_id, acker=ack, lease=lease)
-    stitcher.on_failure = lambda exc: _stop_worker(app, exc)
+    stitcher.on_failure = lambda exc: _stop_worker(app, exc, stitcher.failure_what)
     app.stitcher = stitcher  # type: ignore[attr-defined]
     _faust.install(app, stitcher, lease, settings.fetch_max_wait_ms)
     state: dict[str, Any] = {"assigned": False, "rebalance_since": None}
@@ -130,12 +130,19 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.timer(settings.tick_interval_s)  # type: ignore[untyped-decorator,unused-ignore]
     async def tick() -> None:
+        try:
+            _note_highwaters(app, settings, stitcher)
+            async with stitcher.lock:
+                stitcher.tick()
+                await stitcher.flush()
+            _update_lag(app, settings, stitcher)
+        except Exception as exc:  # a timer that dies must stop the worker, loudly
+            _stop_worker(app, exc, "the time-rule timer failed")
+
+    @app.timer(1.0)  # type: ignore[untyped-decorator,unused-ignore]
+    async def watch() -> None:
+        # Never takes the stitcher lock: it must run while a round or a ledger read waits.
         monitor.beat()
-        _note_highwaters(app, settings, stitcher)
-        async with stitcher.lock:
-            stitcher.tick()
-            await stitcher.flush()
-        _update_lag(app, settings, stitcher)
         stalled = watchdog.stalled()
         if stalled is not None:
             _stall(app, *stalled, settings.stall_timeout_s)
@@ -266,13 +273,21 @@ def _note_highwaters(app: faust.App, settings: Settings, stitcher: Stitcher) -> 
     stitcher.fetched(marks)
 
 
-def _stop_worker(app: faust.App, exc: BaseException) -> None:
-    """Outputs could not be made durable (the producer gave up): stop the whole worker
-    with an error so that it is restarted and replays from its last committed offsets.
-    Carrying on would hold the failed round's offsets forever and stall the partition."""
+def _stop_worker(
+    app: faust.App,
+    exc: BaseException,
+    what: str = "a round of outputs could not be written; check the broker and the output topics",
+) -> None:
+    """Something the worker cannot go on without failed (outputs could not be made
+    durable, the ledger could not be read, the batch path or the timer raised): stop the
+    whole worker with an error so that it is restarted and replays from its last
+    committed offsets. Carrying on would hold offsets forever and stall the partition."""
+    if getattr(app, "_chunkstitch_stopping", False):
+        return
+    app._chunkstitch_stopping = True  # type: ignore[attr-defined]
     log.critical(
-        "stopping the worker: a round of outputs could not be written; check the broker "
-        "and the output topics, then restart (unacknowledged records are replayed)",
+        f"stopping the worker: {what}; the orchestrator restarts it (unacknowledged "
+        "records are replayed)",
         error=f"{type(exc).__name__}: {exc}",
     )
     _hard_exit_later(1, 15.0)

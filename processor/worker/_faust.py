@@ -94,6 +94,9 @@ class BatchHandler(Protocol):
     def fetched(self, highwaters: Mapping[int, int | None]) -> None:
         """The fetch high watermarks of the partitions just fetched."""
 
+    def crashed(self, exc: BaseException) -> None:
+        """The batch path raised: the worker must stop (it cannot take records)."""
+
 
 def ack_offsets(consumer: Any, tp: Any, offsets: Sequence[int]) -> None:
     """Acknowledge ``offsets`` of ``tp`` in faust's commit bookkeeping, in one step.
@@ -139,6 +142,9 @@ def _batch_consumer_class() -> type:
             except asyncio.CancelledError:
                 if self.transport.app.should_stop:
                     return
+                raise
+            except Exception as exc:
+                handler.crashed(exc)
                 raise
 
         async def _drain_batches(self, fetcher: Any, handler: BatchHandler) -> None:

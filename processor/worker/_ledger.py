@@ -99,12 +99,15 @@ async def _start_offsets(
 async def _timestamp_at(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> int | None:
     """Timestamp of the first record at or after ``offset`` (``None``: none there)."""
     consumer.seek(tp, offset)
-    for _ in range(3):
-        batch = await consumer.getmany(tp, timeout_ms=500, max_records=1)
+    for _ in range(10):
+        batch = await consumer.getmany(tp, timeout_ms=200, max_records=1)
         for recs in batch.values():
             for rec in recs:
                 if rec.offset >= offset:
                     return int(rec.timestamp)
+        highwater = consumer.highwater(tp)
+        if highwater is not None and highwater <= offset:
+            return None  # nothing at or after it (an empty partition answers at once)
     return None
 
 

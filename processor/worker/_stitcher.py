@@ -185,6 +185,8 @@ class Stitcher:
         self.failure: BaseException | None = None
         """The first error that kept a round from becoming durable; the worker stops."""
         self.on_failure: Callable[[BaseException], None] | None = None
+        self.failure_what = "a round of outputs could not be made durable; check the broker"
+        """What failed, for the worker's last log line."""
         self.lock = asyncio.Lock()
         self._loading: dict[int, asyncio.Task[None]] = {}
         self._generation: dict[int, int] = {}
@@ -227,7 +229,7 @@ class Stitcher:
             )
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
-                self._fail(exc)
+                self._fail(exc, "the ledger of newly assigned partitions could not be read")
             raise
         finally:
             for p in partitions:
@@ -327,6 +329,11 @@ class Stitcher:
             taken()
             await self.flush()
         return True
+
+    def crashed(self, exc: BaseException) -> None:
+        """The batch path that feeds this stitcher raised: stop the worker."""
+        log.error("the batch path failed", error=f"{type(exc).__name__}: {exc}")
+        self._fail(exc, "the batch path that takes the chunk records failed")
 
     def fetched(self, highwaters: Mapping[int, int | None]) -> None:
         """The fetch high watermarks of partitions (for the lag-aware time rules)."""
@@ -680,10 +687,12 @@ class Stitcher:
             )
             self._fail(exc)
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, what: str | None = None) -> None:
         """Something the worker cannot go on without failed: stop it (``on_failure``)."""
         if self.failure is None:
             self.failure = exc
+            if what:
+                self.failure_what = what
             if self.on_failure is not None:
                 self.on_failure(exc)
 
