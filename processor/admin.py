@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
-from processor.kafka import BrokerUnreachable, unreachable_message
+from processor.kafka import connection_error
 from processor.settings import Settings
 from topics import TopicSpec, topic_specs
 
@@ -31,7 +31,7 @@ async def _admin(settings: Settings) -> AIOKafkaAdminClient:
         await admin.start()
     except (KafkaConnectionError, KafkaError, OSError) as exc:
         await admin.close()
-        raise BrokerUnreachable(unreachable_message(settings, exc)) from exc
+        raise await connection_error(settings, exc) from exc
     return admin
 
 

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from processor.broker import EmbeddedBroker, free_port
-from processor.settings import Settings
+from processor.settings import Settings, get_settings
 from processor.synthetic import PROVIDERS, SyntheticStream, make_stream
 
 __all__ = ["DemoResult", "run_demo"]
@@ -179,8 +180,24 @@ def _print(result: DemoResult) -> None:
 
 
 def run_demo(keep_logs: bool = False) -> DemoResult:
-    """Run the demo end to end; returns what it printed (for tests)."""
+    """Run the demo end to end; returns what it printed (for tests).
+
+    Its broker and worker logs live in a temporary folder that is removed at the end,
+    unless ``keep_logs`` is set or the demo failed (then the folder is named)."""
     workdir = Path(tempfile.mkdtemp(prefix="chunkstitch-demo-"))
+    ok = False
+    try:
+        result = _run_demo(workdir)
+        ok = {r["id"] for r in result.responses} == result.expected_ids
+        return result
+    finally:
+        if keep_logs or not ok:
+            console.print(f"broker and worker logs kept in {workdir}", highlight=False)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_demo(workdir: Path) -> DemoResult:
     started = time.monotonic()
     broker = EmbeddedBroker(log_path=workdir / "broker.log")
     web_port = free_port()
@@ -197,7 +214,7 @@ def run_demo(keep_logs: bool = False) -> DemoResult:
             step = progress.add_task(f"embedded broker on 127.0.0.1:{broker.port}", total=1)
             broker.start()
             progress.update(step, completed=1)
-            settings = Settings(
+            settings = get_settings(
                 broker=broker.bootstrap,
                 app_id="chunkstitch-demo",
                 partitions=4,
@@ -246,7 +263,5 @@ def run_demo(keep_logs: bool = False) -> DemoResult:
                     worker.kill()
             broker.stop()
     _print(result)
-    console.print(
-        f"done in {time.monotonic() - started:.1f}s; broker and worker stopped (logs in {workdir})"
-    )
+    console.print(f"done in {time.monotonic() - started:.1f}s; broker and worker stopped")
     return result

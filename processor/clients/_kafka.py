@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from typing import Any
 
-from processor.clients._errors import BrokerUnavailable, UnknownTopic
+from processor.clients._errors import BrokerUnavailable, ClientError, UnknownTopic
 from processor.settings import Settings
 
 __all__ = ["connection_options", "ensure_topic", "start_client"]
@@ -30,7 +30,12 @@ async def start_client(client: Any, settings: Settings) -> None:
         from aiokafka.errors import KafkaError
 
         if isinstance(exc, KafkaError | OSError):
-            raise BrokerUnavailable(settings.broker, f"{type(exc).__name__}: {exc}") from exc
+            from processor.kafka import BrokerAuthFailed, connection_error
+
+            diagnosed = await connection_error(settings, exc)  # auth failure is not "unreachable"
+            if isinstance(diagnosed, BrokerAuthFailed):
+                raise ClientError(str(diagnosed)) from exc
+            raise BrokerUnavailable(settings.broker, diagnosed.detail) from exc
         raise
 
 
