@@ -26,7 +26,6 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
-from rich.table import Table
 
 from processor.broker import EmbeddedBroker, free_port
 from processor.settings import Settings, get_settings
@@ -137,14 +136,17 @@ async def _collect(settings: Settings, expected: set[str], progress: Progress) -
 
 
 def _print(result: DemoResult) -> None:
-    table = Table(title="finished completions (topic chunkstitch.responses)", show_lines=False)
-    table.add_column("completion", no_wrap=True, min_width=19)
-    table.add_column("provider", no_wrap=True, min_width=10)
-    table.add_column("status", no_wrap=True, min_width=10)
-    table.add_column("chunks", justify="right", no_wrap=True, min_width=9)
-    table.add_column("tokens", justify="right", no_wrap=True, min_width=6)
-    table.add_column("text", overflow="ellipsis", no_wrap=True, max_width=40)
-    style = {"complete": "green", "incomplete": "yellow", "error": "red"}
+    from processor.cli._common import Col, print_rows
+
+    cols = (
+        Col("completion"),
+        Col("provider", drop=1),
+        Col("status"),
+        Col("chunks", justify="right"),
+        Col("tokens", justify="right"),
+        Col("text", flex=True, flex_min=12),
+    )
+    rows = []
     for r in result.responses:
         meta = r["chunkstitch"]
         choice = r["choices"][0] if r["choices"] else {"message": {}}
@@ -155,16 +157,18 @@ def _print(result: DemoResult) -> None:
         if len(r["choices"]) > 1:
             text = f"[{len(r['choices'])} choices] " + text
         usage = r.get("usage") or {}
-        table.add_row(
-            r["id"].removeprefix("demo-"),
-            meta.get("provider") or "",
-            f"[{style.get(meta['status'], '')}]{meta['status']}[/]",
-            f"{meta['chunk_count']}"
-            + (f" +{meta['duplicates_dropped']}dup" if meta["duplicates_dropped"] else ""),
-            str(usage.get("total_tokens", "-")),
-            text.strip(),
+        rows.append(
+            [
+                r["id"].removeprefix("demo-"),
+                meta.get("provider") or "",
+                meta["status"],
+                f"{meta['chunk_count']}"
+                + (f" +{meta['duplicates_dropped']}dup" if meta["duplicates_dropped"] else ""),
+                str(usage.get("total_tokens", "-")),
+                " ".join(text.split()),
+            ]
         )
-    console.print(table)
+    print_rows(console, cols, rows, title="finished completions (topic chunkstitch.responses)")
     by_status: dict[str, int] = {}
     for r in result.responses:
         by_status[r["chunkstitch"]["status"]] = by_status.get(r["chunkstitch"]["status"], 0) + 1

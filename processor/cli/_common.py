@@ -98,17 +98,18 @@ class Col:
     header: str
     justify: Literal["left", "right"] = "left"
     flex: bool = False  # takes what width is left, cut with an ellipsis (one per table)
+    wrap: bool = False  # a flexible column that wraps onto more lines instead of being cut
+    flex_min: int = 16  # the narrowest a flexible column may become
     drop: int = 0  # > 0: may be left out when the width is short (highest first)
 
 
 _GAP = 2
-_FLEX_MIN = 16
 
 
 def _width(text: str) -> int:
     from rich.cells import cell_len
 
-    return cell_len(text)
+    return max((cell_len(line) for line in text.split("\n")), default=0)
 
 
 def print_rows(
@@ -125,7 +126,7 @@ def print_rows(
     widths = [max([_width(c.header), *(_width(r[i]) for r in rows)]) for i, c in enumerate(cols)]
 
     def needed(idx: list[int]) -> int:
-        total = sum(min(widths[i], _FLEX_MIN) if cols[i].flex else widths[i] for i in idx)
+        total = sum(min(widths[i], cols[i].flex_min) if cols[i].flex else widths[i] for i in idx)
         return total + _GAP * (len(idx) - 1)
 
     while needed(keep) > width and any(cols[i].drop for i in keep):
@@ -133,16 +134,16 @@ def print_rows(
     if title:
         console.print(title, style="bold", overflow="fold", highlight=False)
     if needed(keep) <= width:
+        fixed = sum(widths[i] for i in keep if not cols[i].flex) + _GAP * (len(keep) - 1)
         table = Table(box=None, padding=(0, 1), pad_edge=False, header_style="bold")
         for i in keep:
             col = cols[i]
             table.add_column(
                 col.header,
                 justify=col.justify,
-                no_wrap=True,
-                overflow="ellipsis" if col.flex else "fold",
-                min_width=None if col.flex else widths[i],
-                ratio=1 if col.flex else None,
+                no_wrap=not col.wrap,
+                overflow="fold" if col.wrap or not col.flex else "ellipsis",
+                width=min(widths[i], width - fixed) if col.flex else widths[i],
             )
         for row in rows:
             table.add_row(*(row[i] for i in keep))
@@ -150,7 +151,7 @@ def print_rows(
         left_out = [cols[i].header for i in range(len(cols)) if i not in keep]
         if left_out:
             console.print(
-                f"(left out at {width} columns: {', '.join(left_out)}; a wider terminal, "
+                f"(left out at {width} columns: {', '.join(left_out)}; "
                 "COLUMNS=N or --json shows them)",
                 style="dim",
                 highlight=False,
@@ -161,12 +162,21 @@ def print_rows(
 
     for row in rows:
         console.print(row[0], style="bold", overflow="fold", highlight=False)
-        pairs = [
-            f"{cols[i].header} {row[i]}" for i in range(1, len(cols)) if row[i] and not cols[i].flex
-        ]
-        if pairs:
-            console.print(Text("  " + "   ".join(pairs), overflow="fold"), highlight=False)
+        line = ""
         for i in range(1, len(cols)):
-            if cols[i].flex and row[i]:
-                line = Text("  " + row[i], overflow="ellipsis", no_wrap=True)
-                console.print(line, highlight=False, no_wrap=True, overflow="ellipsis")
+            if not row[i] or cols[i].flex:
+                continue
+            pair = f"{cols[i].header} {row[i]}"
+            if line and _width(line) + 3 + _width(pair) > width:
+                console.print(line, overflow="fold", highlight=False)
+                line = ""
+            line = f"{line}   {pair}" if line else f"  {pair}"
+        if line:
+            console.print(line, overflow="fold", highlight=False)
+        for i in range(1, len(cols)):
+            if cols[i].flex and row[i] and cols[i].wrap:
+                for part in row[i].split("\n"):
+                    console.print(Text("  " + part, overflow="fold"), highlight=False)
+            elif cols[i].flex and row[i]:
+                text = Text("  " + row[i], overflow="ellipsis", no_wrap=True)
+                console.print(text, highlight=False, no_wrap=True, overflow="ellipsis")

@@ -26,10 +26,10 @@ _STATUSES = ("complete", "incomplete", "error")
 COLUMNS = (
     Col("id"),
     Col("status"),
-    Col("tenant", drop=2),
-    Col("model", drop=3),
+    Col("tenant", drop=1),
+    Col("model", drop=2),
     Col("provider", drop=4),
-    Col("chunks", justify="right", drop=1),
+    Col("chunks", justify="right", drop=3),
     Col("tokens", justify="right"),
     Col("content", flex=True),
 )

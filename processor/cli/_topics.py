@@ -31,7 +31,7 @@ COLUMNS = (
     Col("role", drop=1),
     Col("partitions", justify="right"),
     Col("state"),
-    Col("configs", flex=True),
+    Col("configs", flex=True, wrap=True, flex_min=24),
 )
 
 
@@ -63,7 +63,7 @@ def _print(states: list[Any], settings: Any, as_json: bool) -> None:
             st.spec.role,
             str(st.partitions or st.spec.partitions),
             _state(st),
-            ", ".join(f"{k}={v}" for k, v in st.spec.configs.items()),
+            "\n".join(f"{k}={v}" for k, v in st.spec.configs.items()),
         ]
         for st in states
     ]
