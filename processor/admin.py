@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError
 
 from processor.kafka import connection_error
 from processor.settings import Settings
@@ -29,9 +29,12 @@ async def _admin(settings: Settings) -> AIOKafkaAdminClient:
     )
     try:
         await admin.start()
-    except (KafkaConnectionError, KafkaError, OSError) as exc:
+    except Exception as exc:
         await admin.close()
-        raise await connection_error(settings, exc) from exc
+        problem = await connection_error(settings, exc)
+        if problem is None:
+            raise
+        raise problem from exc
     return admin
 
 

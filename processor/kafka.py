@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -73,35 +75,46 @@ def _unreachable(settings: Settings, detail: str) -> BrokerUnreachable:
     return BrokerUnreachable(unreachable_message(settings, detail), detail)
 
 
-def auth_failed_message(settings: Settings, exc: BaseException) -> str:
+def auth_failed_message(settings: Settings, detail: str) -> str:
     who = (
         f"SASL {settings.sasl_mechanism} as {settings.sasl_username!r}"
         if settings.sasl_mechanism
         else settings.security_protocol
     )
     return (
-        f"the Kafka broker at {settings.broker} refused to authenticate ({who}: "
-        f"{describe_error(exc)}); check CHUNKSTITCH_SECURITY_PROTOCOL, "
-        "CHUNKSTITCH_SASL_MECHANISM, CHUNKSTITCH_SASL_USERNAME and CHUNKSTITCH_SASL_PASSWORD"
+        f"the Kafka broker at {settings.broker} did not accept the connection's credentials "
+        f"({who}: {detail}); check CHUNKSTITCH_SECURITY_PROTOCOL, CHUNKSTITCH_SASL_MECHANISM, "
+        "CHUNKSTITCH_SASL_USERNAME and CHUNKSTITCH_SASL_PASSWORD (and CHUNKSTITCH_SSL_* for TLS)"
     )
+
+
+def _auth_failed(settings: Settings, exc: BaseException) -> BrokerAuthFailed:
+    if isinstance(exc, _auth_errors()):
+        detail = describe_error(exc)
+    elif isinstance(exc, ssl.SSLError):
+        detail = f"TLS handshake failed: {describe_error(exc)}"
+    else:  # e.g. the broker hangs up mid-exchange, or SCRAM ends without a signature
+        detail = "the broker ended the authentication exchange without accepting it"
+    return BrokerAuthFailed(auth_failed_message(settings, detail), detail)
 
 
 async def probe_broker(
     settings: Settings, timeout_s: float | None = None
 ) -> BrokerUnreachable | None:
-    """Open one connection (with the configured TLS/SASL) to each bootstrap server in turn.
+    """Connect to each bootstrap server in turn: TCP first, then a Kafka connection with
+    the configured TLS/SASL.
 
-    None as soon as one answers; otherwise the error of the last one, as a
-    :class:`BrokerUnreachable` (or :class:`BrokerAuthFailed`) whose one-line message says
-    what was wrong (unknown host, connection refused, no answer, authentication) and what
-    to do. The worker calls it before starting; the clients after a failed start.
+    None as soon as one answers; otherwise the problem of the last one, as a
+    :class:`BrokerUnreachable` whose one-line message says what was wrong (unknown host,
+    connection refused, no answer) and what to do, or a :class:`BrokerAuthFailed` when
+    the broker is there but the TLS/SASL handshake failed. The worker calls it before
+    starting; the admin, readers and clients after a failed start.
     """
-    import socket
-
     from aiokafka.conn import create_conn
 
     timeout = min(timeout_s or settings.connect_timeout_s, settings.connect_timeout_s)
     kwargs = {k: v for k, v in settings.kafka_kwargs().items() if k != "bootstrap_servers"}
+    secured = bool(settings.sasl_mechanism) or settings.security_protocol != "PLAINTEXT"
     problem: BrokerUnreachable | None = None
     servers = settings.bootstrap_servers
     for server in servers:
@@ -109,32 +122,50 @@ async def probe_broker(
         host, _, port = server.rpartition(":")
         host = host.strip("[]")
         try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
+            writer.close()
+        except socket.gaierror:
+            problem = _unreachable(settings, f"unknown host {host!r}")
+            continue
+        except ConnectionRefusedError:
+            problem = _unreachable(settings, f"connection refused{at}")
+            continue
+        except TimeoutError:
+            problem = _unreachable(settings, f"no answer within {timeout:g} s{at}")
+            continue
+        except OSError as exc:
+            problem = _unreachable(settings, describe_error(exc))
+            continue
+        try:  # the port answers: now speak Kafka, with the configured TLS and SASL
             conn = await asyncio.wait_for(
                 create_conn(host, int(port), request_timeout_ms=int(timeout * 1000), **kwargs),
                 timeout,
             )
-        except _auth_errors() as exc:
-            problem = BrokerAuthFailed(auth_failed_message(settings, exc), describe_error(exc))
-        except socket.gaierror:
-            problem = _unreachable(settings, f"unknown host {host!r}")
-        except ConnectionRefusedError:
-            problem = _unreachable(settings, f"connection refused{at}")
         except TimeoutError:
-            problem = _unreachable(settings, f"no answer within {timeout:g} s{at}")
-        except Exception as exc:  # any other failure: say what it was
-            problem = _unreachable(settings, describe_error(exc))
+            problem = _unreachable(settings, f"no Kafka answer within {timeout:g} s{at}")
+        except Exception as exc:
+            if secured or isinstance(exc, _auth_errors()):
+                problem = _auth_failed(settings, exc)
+            else:
+                problem = _unreachable(settings, describe_error(exc))
         else:
             conn.close()
             return None
     return problem
 
 
-async def connection_error(settings: Settings, exc: BaseException) -> BrokerUnreachable:
-    """The error to raise after a client failed to start: diagnosed in one line."""
+async def connection_error(settings: Settings, exc: BaseException) -> BrokerUnreachable | None:
+    """What to raise after a client failed to start with ``exc``, diagnosed in one line;
+    None when the broker answers fine and ``exc`` is no Kafka or network error (the
+    caller re-raises it: a bug, not a connection problem)."""
     if isinstance(exc, _auth_errors()):
-        return BrokerAuthFailed(auth_failed_message(settings, exc), describe_error(exc))
+        return _auth_failed(settings, exc)
     problem = await probe_broker(settings, timeout_s=3.0)
-    return problem or _unreachable(settings, describe_error(exc))
+    if problem is not None:
+        return problem
+    if isinstance(exc, KafkaError | OSError):
+        return _unreachable(settings, describe_error(exc))
+    return None
 
 
 async def read_to_end(
@@ -162,9 +193,12 @@ async def read_to_end(
     )
     try:
         await consumer.start()
-    except (KafkaError, OSError) as exc:
+    except Exception as exc:
         await asyncio.shield(consumer.stop())  # else "Unclosed AIOKafkaConsumer" at exit
-        raise await connection_error(settings, exc) from exc
+        problem = await connection_error(settings, exc)
+        if problem is None:
+            raise
+        raise problem from exc
     out: list[ConsumerRecord[bytes, bytes]] = []
     try:
         consumer.assign(parts)

@@ -27,16 +27,14 @@ async def start_client(client: Any, settings: Settings) -> None:
         raise BrokerUnavailable(settings.broker, f"no answer within {timeout:g} s") from None
     except Exception as exc:
         await _quiet_stop(client)
-        from aiokafka.errors import KafkaError
+        from processor.kafka import BrokerAuthFailed, connection_error
 
-        if isinstance(exc, KafkaError | OSError):
-            from processor.kafka import BrokerAuthFailed, connection_error
-
-            diagnosed = await connection_error(settings, exc)  # auth failure is not "unreachable"
-            if isinstance(diagnosed, BrokerAuthFailed):
-                raise ClientError(str(diagnosed)) from exc
-            raise BrokerUnavailable(settings.broker, diagnosed.detail) from exc
-        raise
+        diagnosed = await connection_error(settings, exc)  # auth failure is not "unreachable"
+        if diagnosed is None:
+            raise
+        if isinstance(diagnosed, BrokerAuthFailed):
+            raise ClientError(str(diagnosed)) from exc
+        raise BrokerUnavailable(settings.broker, diagnosed.detail) from exc
 
 
 async def ensure_topic(topic_names: set[str], topic: str, settings: Settings) -> None:
