@@ -223,6 +223,14 @@ async def test_worker_says_ready_and_stopped_and_a_capture_publishes_twice(
     assert len(stopped) == 1
     assert stopped[0]["exit_code"] == 0
 
+    # faust draws its start-up spinner only at WARNING and above (the demo's level).
+    quiet = WorkerProcess(
+        settings.model_copy(update={"log_level": "WARNING"}), tmp_path / "quiet.log"
+    )
+    await asyncio.to_thread(quiet.start)
+    await asyncio.to_thread(quiet.stop)
+    assert "\x1b" not in (tmp_path / "quiet.log").read_text()
+
 
 def test_refused_sasl_credentials_are_not_called_unreachable(tmp_path: Path) -> None:
     port = free_port()
