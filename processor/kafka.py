@@ -142,7 +142,11 @@ async def probe_broker(
                 timeout,
             )
         except TimeoutError:
-            problem = _unreachable(settings, f"no Kafka answer within {timeout:g} s{at}")
+            problem = _unreachable(
+                settings,
+                f"no answer within {timeout:g} s{at}; "
+                "the port accepts connections but does not speak Kafka",
+            )
         except Exception as exc:
             if secured or isinstance(exc, _auth_errors()):
                 problem = _auth_failed(settings, exc)

@@ -147,8 +147,8 @@ async def _run(
                         request_started_at=started,
                         completion_id=cid + (suffix or ""),
                     )
-                    for value in held:
-                        await handle.send(value)
+                    for early in held:
+                        await handle.send(early)
                     held.clear()
                 last = handle
                 await handle.send(value)
