@@ -34,6 +34,9 @@ def demo(
         fail(str(exc))
     from processor.demo import run_demo
 
-    result = run_demo(keep_logs=keep_logs)
+    try:
+        result = run_demo(keep_logs=keep_logs)
+    except (BrokerError, RuntimeError) as exc:  # the broker or the worker did not start
+        fail(str(exc), code=1)
     if {r["id"] for r in result.responses} != result.expected_ids:
         fail("some completions did not finish; see the worker log named above", code=1)
