@@ -22,7 +22,7 @@ def publish(
     source: Annotated[
         str,
         typer.Argument(
-            metavar="[FILE|-]", help="A JSON Lines file or raw SSE capture; '-' reads stdin."
+            metavar="FILE", help="A JSON Lines file or raw SSE capture; '-' reads stdin."
         ),
     ] = "-",
     tenant: Annotated[
