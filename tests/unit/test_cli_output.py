@@ -154,3 +154,12 @@ def test_the_embedded_broker_and_pyyaml_are_extras_the_image_leaves_out() -> Non
     assert "calfkit" not in install
     assert (ROOT / "processor" / "py.typed").is_file()
     assert (ROOT / "topics" / "py.typed").is_file()
+
+
+def test_a_check_across_settings_is_one_line_naming_both() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(emitted_memory_s=10, max_lifetime_s=600)
+    message = settings_error_message(caught.value)
+    assert message.startswith("CHUNKSTITCH_EMITTED_MEMORY_S (10) must be longer than")
+    assert "CHUNKSTITCH_MAX_LIFETIME_S" in message
+    assert "\n" not in message
