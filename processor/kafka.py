@@ -3,29 +3,173 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
 import time
 from collections.abc import Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import KafkaError
 
 from processor.settings import Settings
 
-__all__ = ["BrokerUnreachable", "read_to_end", "unreachable_message"]
+__all__ = [
+    "BrokerAuthFailed",
+    "BrokerUnreachable",
+    "connection_error",
+    "describe_error",
+    "probe_broker",
+    "read_to_end",
+    "unreachable_message",
+]
+
+# The same words as the clients' BrokerUnavailable: one wording in every command.
+START_HINT = (
+    "start one with `chunkstitch broker` or point CHUNKSTITCH_BROKER at a running broker "
+    "(host:port)"
+)
 
 
 class BrokerUnreachable(RuntimeError):
     """The broker did not answer; the message says which address and which setting."""
 
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail  # short cause: "connection refused", "unknown host 'x'", ...
 
-def unreachable_message(settings: Settings, exc: BaseException | None = None) -> str:
-    detail = f" ({exc})" if exc else ""
+
+class BrokerAuthFailed(BrokerUnreachable):
+    """The broker answered but refused the credentials (SASL) or the TLS handshake."""
+
+
+def _auth_errors() -> tuple[type[BaseException], ...]:
+    from aiokafka import errors
+
     return (
-        f"cannot reach the Kafka broker at {settings.broker}{detail}. "
-        "Start one (`chunkstitch broker` runs the embedded broker on 127.0.0.1:9092) or "
-        "point CHUNKSTITCH_BROKER at yours (host:port)."
+        errors.AuthenticationFailedError,
+        errors.AuthenticationMethodNotSupported,
+        errors.SaslAuthenticationFailed,
+        errors.UnsupportedSaslMechanismError,
+        errors.IllegalSaslStateError,
     )
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` once (aiokafka's errors already start with their class name)."""
+    text = str(exc).strip()
+    name = type(exc).__name__
+    if not text:
+        return name
+    return text if text.startswith(name) else f"{name}: {text}"
+
+
+def unreachable_message(settings: Settings, exc: BaseException | str | None = None) -> str:
+    if isinstance(exc, BaseException):
+        exc = describe_error(exc)
+    detail = f" ({exc})" if exc else ""
+    return f"cannot reach the Kafka broker at {settings.broker}{detail}; {START_HINT}"
+
+
+def _unreachable(settings: Settings, detail: str) -> BrokerUnreachable:
+    return BrokerUnreachable(unreachable_message(settings, detail), detail)
+
+
+def auth_failed_message(settings: Settings, detail: str) -> str:
+    who = (
+        f"SASL {settings.sasl_mechanism} as {settings.sasl_username!r}"
+        if settings.sasl_mechanism
+        else settings.security_protocol
+    )
+    return (
+        f"the Kafka broker at {settings.broker} did not accept the connection's credentials "
+        f"({who}: {detail}); check CHUNKSTITCH_SECURITY_PROTOCOL, CHUNKSTITCH_SASL_MECHANISM, "
+        "CHUNKSTITCH_SASL_USERNAME and CHUNKSTITCH_SASL_PASSWORD (and CHUNKSTITCH_SSL_* for TLS)"
+    )
+
+
+def _auth_failed(settings: Settings, exc: BaseException) -> BrokerAuthFailed:
+    if isinstance(exc, _auth_errors()):
+        detail = describe_error(exc)
+    elif isinstance(exc, ssl.SSLError):
+        detail = f"TLS handshake failed: {describe_error(exc)}"
+    else:  # e.g. the broker hangs up mid-exchange, or SCRAM ends without a signature
+        detail = "the broker ended the authentication exchange without accepting it"
+    return BrokerAuthFailed(auth_failed_message(settings, detail), detail)
+
+
+async def probe_broker(
+    settings: Settings, timeout_s: float | None = None
+) -> BrokerUnreachable | None:
+    """Connect to each bootstrap server in turn: TCP first, then a Kafka connection with
+    the configured TLS/SASL.
+
+    None as soon as one answers; otherwise the problem of the last one, as a
+    :class:`BrokerUnreachable` whose one-line message says what was wrong (unknown host,
+    connection refused, no answer) and what to do, or a :class:`BrokerAuthFailed` when
+    the broker is there but the TLS/SASL handshake failed. The worker calls it before
+    starting; the admin, readers and clients after a failed start.
+    """
+    from aiokafka.conn import create_conn
+
+    timeout = min(timeout_s or settings.connect_timeout_s, settings.connect_timeout_s)
+    kwargs = {k: v for k, v in settings.kafka_kwargs().items() if k != "bootstrap_servers"}
+    secured = bool(settings.sasl_mechanism) or settings.security_protocol != "PLAINTEXT"
+    problem: BrokerUnreachable | None = None
+    servers = settings.bootstrap_servers
+    for server in servers:
+        at = f" ({server})" if len(servers) > 1 else ""
+        host, _, port = server.rpartition(":")
+        host = host.strip("[]")
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
+            writer.close()
+        except socket.gaierror:
+            problem = _unreachable(settings, f"unknown host {host!r}")
+            continue
+        except ConnectionRefusedError:
+            problem = _unreachable(settings, f"connection refused{at}")
+            continue
+        except TimeoutError:
+            problem = _unreachable(settings, f"no answer within {timeout:g} s{at}")
+            continue
+        except OSError as exc:
+            problem = _unreachable(settings, describe_error(exc))
+            continue
+        try:  # the port answers: now speak Kafka, with the configured TLS and SASL
+            conn = await asyncio.wait_for(
+                create_conn(host, int(port), request_timeout_ms=int(timeout * 1000), **kwargs),
+                timeout,
+            )
+        except TimeoutError:
+            problem = _unreachable(
+                settings,
+                f"no answer within {timeout:g} s{at}; "
+                "the port accepts connections but does not speak Kafka",
+            )
+        except Exception as exc:
+            if secured or isinstance(exc, _auth_errors()):
+                problem = _auth_failed(settings, exc)
+            else:
+                problem = _unreachable(settings, describe_error(exc))
+        else:
+            conn.close()
+            return None
+    return problem
+
+
+async def connection_error(settings: Settings, exc: BaseException) -> BrokerUnreachable | None:
+    """What to raise after a client failed to start with ``exc``, diagnosed in one line;
+    None when the broker answers fine and ``exc`` is no Kafka or network error (the
+    caller re-raises it: a bug, not a connection problem)."""
+    if isinstance(exc, _auth_errors()):
+        return _auth_failed(settings, exc)
+    problem = await probe_broker(settings, timeout_s=3.0)
+    if problem is not None:
+        return problem
+    if isinstance(exc, KafkaError | OSError):
+        return _unreachable(settings, describe_error(exc))
+    return None
 
 
 async def read_to_end(
@@ -53,8 +197,12 @@ async def read_to_end(
     )
     try:
         await consumer.start()
-    except KafkaConnectionError as exc:
-        raise BrokerUnreachable(unreachable_message(settings, exc)) from exc
+    except Exception as exc:
+        await asyncio.shield(consumer.stop())  # else "Unclosed AIOKafkaConsumer" at exit
+        problem = await connection_error(settings, exc)
+        if problem is None:
+            raise
+        raise problem from exc
     out: list[ConsumerRecord[bytes, bytes]] = []
     try:
         consumer.assign(parts)

@@ -1,4 +1,6 @@
-"""The one logging setup of chunkstitch: structlog, JSON lines on stderr.
+"""The one logging setup of chunkstitch: structlog on stderr; readable console lines on a
+terminal, JSON lines otherwise (``CHUNKSTITCH_LOG_FORMAT=auto``, the default; ``json`` or
+``console`` force one).
 
 Library code calls ``structlog.get_logger(__name__)`` and binds context
 (``completion_id``, ``partition``, ``offset``). Stdlib loggers (faust, mode, aiokafka)
@@ -13,7 +15,7 @@ from typing import Any
 
 import structlog
 
-__all__ = ["configure_logging", "get_logger", "logging_dict_config"]
+__all__ = ["configure_logging", "get_logger", "logging_dict_config", "resolve_format"]
 
 _configured = False
 
@@ -28,7 +30,15 @@ def _shared() -> list[Any]:
     ]
 
 
+def resolve_format(fmt: str) -> str:
+    """``auto`` -> ``console`` when stderr is a terminal, else ``json``; others unchanged."""
+    if fmt == "auto":
+        return "console" if sys.stderr.isatty() else "json"
+    return fmt
+
+
 def _formatter(fmt: str) -> structlog.stdlib.ProcessorFormatter:
+    fmt = resolve_format(fmt)
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
@@ -53,7 +63,7 @@ def _configure_structlog() -> None:
     )
 
 
-def logging_dict_config(level: str = "INFO", fmt: str = "json") -> dict[str, Any]:
+def logging_dict_config(level: str = "INFO", fmt: str = "auto") -> dict[str, Any]:
     """The same setup as a ``logging.config.dictConfig`` dict, for runners that take one
     (faust's worker installs its logging from it, so faust/mode/aiokafka logs go through
     structlog too)."""
@@ -78,7 +88,7 @@ def logging_dict_config(level: str = "INFO", fmt: str = "json") -> dict[str, Any
     }
 
 
-def configure_logging(level: str = "INFO", fmt: str = "json", *, force: bool = False) -> None:
+def configure_logging(level: str = "INFO", fmt: str = "auto", *, force: bool = False) -> None:
     """Configure structlog and route stdlib logging through it (idempotent)."""
     global _configured
     if _configured and not force:

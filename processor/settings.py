@@ -6,14 +6,16 @@ Every process (worker, publisher, consumer, CLI, demo) builds its configuration 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from topics import TopicNames
 
-__all__ = ["Settings", "get_settings"]
+__all__ = ["Settings", "get_settings", "settings_error_message"]
 
 
 class Settings(BaseSettings):
@@ -45,7 +47,7 @@ class Settings(BaseSettings):
 
     # --- worker --------------------------------------------------------------------------
     app_id: str = "chunkstitch"
-    web_port: int = 6066
+    web_port: int = Field(default=6066, ge=1, le=65535)
     web_host: str = "127.0.0.1"
     data_dir: str = ".chunkstitch"
     session_timeout_s: float = Field(
@@ -146,22 +148,19 @@ class Settings(BaseSettings):
 
     # --- logging -------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["json", "console"] = "json"
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        description="'auto': readable console lines on a terminal, JSON lines otherwise.",
+    )
 
     @field_validator("broker")
     @classmethod
-    def _strip_scheme(cls, value: str) -> str:
+    def _check_broker(cls, value: str) -> str:
         hosts = [h.strip().removeprefix("kafka://") for h in value.split(",") if h.strip()]
         if not hosts:
-            raise ValueError(
-                "CHUNKSTITCH_BROKER is empty; set it to host:port, e.g. 127.0.0.1:9092"
-            )
+            raise ValueError("it is empty; use host:port, e.g. 127.0.0.1:9092")
         for host in hosts:
-            if ":" not in host:
-                raise ValueError(
-                    f"CHUNKSTITCH_BROKER entry {host!r} has no port; "
-                    f"use host:port, e.g. {host}:9092"
-                )
+            _check_host_port(host, f"entry {host!r}: " if len(hosts) > 1 else "")
         return ",".join(hosts)
 
     @model_validator(mode="after")
@@ -226,6 +225,63 @@ class Settings(BaseSettings):
     def faust_broker(self) -> list[str]:
         """Bootstrap servers as faust wants them (``kafka://host:port``)."""
         return [f"kafka://{h}" for h in self.bootstrap_servers]
+
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+
+
+def _check_host_port(entry: str, prefix: str = "") -> None:
+    """``host:port`` (host a name, IPv4 address or ``[IPv6]``, port 1..65535) or ValueError."""
+    host, sep, port = entry.rpartition(":")
+    if not sep:
+        raise ValueError(f"{prefix}no port; use host:port, e.g. {entry}:9092")
+    if host.startswith("[") and host.endswith("]"):
+        valid_host = len(host) > 2 and all(c in "0123456789abcdefABCDEF:." for c in host[1:-1])
+    else:
+        valid_host = bool(_HOSTNAME.fullmatch(host))
+    if not valid_host:
+        raise ValueError(
+            f"{prefix}{host!r} is not a host name or address; use host:port, e.g. "
+            "127.0.0.1:9092 (IPv6 in brackets: [::1]:9092)"
+        )
+    if not port.isdigit():
+        raise ValueError(f"{prefix}port {port!r} is not a number; use host:port, e.g. {host}:9092")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"{prefix}port {port} is out of range; use a port from 1 to 65535")
+
+
+def settings_error_message(exc: ValidationError, flags: Mapping[str, str] | None = None) -> str:
+    """One line for a bad setting: which variable (or CLI flag) was wrong and what to do.
+
+    ``flags`` maps field names to the CLI flag that set them (``{"broker": "--broker"}``);
+    other fields are named by their ``CHUNKSTITCH_*`` variable. Used by every command.
+    """
+    errors = exc.errors(include_url=False)
+    if not errors:  # pragma: no cover - pydantic always reports at least one
+        return f"invalid settings: {exc}"
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if not first["loc"]:  # a check across settings: its message names the variables
+        return str(first["msg"]).removeprefix("Value error, ") + more
+    field = str(first["loc"][0])
+    if flags and field in flags:
+        name = flags[field]
+        shown = f"{name} {first.get('input')!r}"
+    else:
+        name = f"CHUNKSTITCH_{field.upper()}"
+        shown = f"{name}={first.get('input')!r}"
+    msg = str(first["msg"]).removeprefix("Value error, ").split(", unable to")[0]
+    msg = msg[:1].lower() + msg[1:]
+    info = Settings.model_fields.get(field)
+    if first["type"] == "value_error":
+        pass  # our own validators say what to do
+    elif name.startswith("--"):
+        msg += f"; pass a valid {name}"
+    elif info is not None and info.default is not None:
+        msg += f"; fix or unset {name} (default: {info.default})"
+    else:
+        msg += f"; fix or unset {name}"
+    return f"{shown} is not valid: {msg}{more}"
 
 
 def get_settings(**overrides: object) -> Settings:

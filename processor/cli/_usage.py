@@ -6,108 +6,178 @@ import asyncio
 import json
 import re
 import time
-from typing import Annotated
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 import typer
 
 from processor.cli import app
+from processor.cli._common import (
+    BrokerOption,
+    Col,
+    broker_errors,
+    fail,
+    load_settings,
+    print_rows,
+    quiet_kafka_logs,
+)
 
 __all__ = ["usage"]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DIMENSIONS = ("tenant", "model", "provider", "status")
+_WINDOWS = ("1m", "1h", "1d")
+_STATUSES = ("complete", "incomplete", "error")
 
 
-def _since_ms(text: str | None) -> int | None:
+def time_ms(option: str, text: str | None, now_s: float | None = None) -> int | None:
+    """``--since`` / ``--until``: a duration back from now (``15m``, ``1h``, ``7d``) or an
+    ISO-8601 time (``2026-12-02T01:00Z``; UTC unless it says otherwise), in epoch ms."""
     if not text:
         return None
-    match = re.fullmatch(r"(\d+)([smhd])", text)
-    if not match:
-        raise typer.BadParameter(f"{text!r}: use a number and a unit, e.g. 15m, 1h, 7d")
-    return int((time.time() - int(match[1]) * _UNITS[match[2]]) * 1000)
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if match:
+        now = time.time() if now_s is None else now_s
+        return int((now - int(match[1]) * _UNITS[match[2]]) * 1000)
+    try:
+        when = datetime.fromisoformat(text.strip().replace("z", "Z"))
+    except ValueError:
+        fail(
+            f"{option} {text!r} is neither a duration nor a time; use a number and a unit "
+            "(15m, 1h, 7d) or an ISO-8601 time (2026-12-02T01:00Z)"
+        )
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def iso_utc(epoch_ms: int) -> str:
+    """A window start as ISO-8601 in UTC, to the minute: ``2026-12-02T01:00Z``."""
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%MZ")
+
+
+def latency_bound(buckets: list[int] | tuple[int, ...], q: float) -> str:
+    """A quantile of a latency histogram as what the histogram knows: the bucket's upper
+    bound as ``<= 10 ms`` (the value may be anywhere below it), ``> 60000 ms`` in the open
+    last bucket, ``-`` with no values. The fold's ``percentile`` reports the bound alone."""
+    from topics._usage import LATENCY_BUCKETS_MS
+
+    total = sum(buckets)
+    if total == 0:
+        return "-"
+    rank, seen = q * total, 0
+    for i, count in enumerate(buckets):
+        seen += count
+        if seen >= rank:
+            if i >= len(LATENCY_BUCKETS_MS):
+                return f"> {LATENCY_BUCKETS_MS[-1]} ms"
+            return f"<= {LATENCY_BUCKETS_MS[i]} ms"
+    return f"> {LATENCY_BUCKETS_MS[-1]} ms"  # pragma: no cover - the loop always returns
+
+
+def _dims(by: str) -> list[str]:
+    dims = [d.strip() for d in by.split(",") if d.strip()]
+    unknown = [d for d in dims if d not in _DIMENSIONS]
+    if unknown or not dims:
+        fail(f"--by {by!r}: group by one or more of {','.join(_DIMENSIONS)} (comma separated)")
+    return dims
 
 
 @app.command()
 def usage(
     since: Annotated[
-        str | None, typer.Option(help="Only windows in the last 15m / 1h / 7d ...")
+        str | None,
+        typer.Option(
+            metavar="WHEN", help="Only windows after WHEN: 15m, 1h, 7d ago, or an ISO-8601 time."
+        ),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option(
+            metavar="WHEN", help="Only windows before WHEN: 15m, 1h, 7d ago, or an ISO-8601 time."
+        ),
     ] = None,
     by: Annotated[
-        str, typer.Option(help="Group by these of tenant,model,provider,status.")
+        str,
+        typer.Option(metavar="DIMS", help="Group by these of tenant,model,provider,status."),
     ] = "tenant,model,provider",
-    window: Annotated[str, typer.Option(help="Window size: 1m, 1h or 1d.")] = "1h",
-    tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
+    window: Annotated[str, typer.Option(metavar="SIZE", help="Window size: 1m, 1h or 1d.")] = "1h",
+    tenant: Annotated[str | None, typer.Option(metavar="TENANT", help="Only this tenant.")] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(metavar="STATUS", help="Only this status: complete, incomplete or error."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
-    broker: Annotated[str | None, typer.Option(help="Kafka bootstrap host:port.")] = None,
+    broker: BrokerOption = None,
 ) -> None:
-    """Token usage, requests, cost and latency per window (no worker needed)."""
-    from processor.kafka import BrokerUnreachable
-    from processor.settings import get_settings
+    """Token usage, requests, cost and latency per window (no worker needed).
+
+    Window times are UTC (ISO-8601). Latency is kept as a histogram: 'ttfc p95 <= 10 ms'
+    means the 95th percentile of the time to first chunk lies in the bucket up to 10 ms.
+    """
     from processor.usage import aggregate, read_rollups
 
-    settings = get_settings(broker=broker)
+    # Every option is checked before connecting.
+    since_ms, until_ms = time_ms("--since", since), time_ms("--until", until)
+    if since_ms is not None and until_ms is not None and since_ms >= until_ms:
+        fail(f"--since {since!r} is not before --until {until!r}")
+    dims = _dims(by)
+    if window not in _WINDOWS:
+        fail(f"--window {window!r}: use 1m, 1h or 1d")
+    if status is not None and status not in _STATUSES:
+        fail(f"--status {status!r} is not a status; use complete, incomplete or error")
+    settings = load_settings(broker=broker)
+    quiet_kafka_logs()
+    with broker_errors():
+        rollups = asyncio.run(read_rollups(settings))
     try:
         rows = aggregate(
-            asyncio.run(read_rollups(settings)),
+            rollups,
             window=window,
-            by=[d.strip() for d in by.split(",") if d.strip()],
-            since_ms=_since_ms(since),
-            filters={"tenant": tenant or ""},
+            by=dims,
+            since_ms=since_ms,
+            until_ms=until_ms,
+            filters={"tenant": tenant or "", "status": status or ""},
         )
-    except BrokerUnreachable as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
     except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(exc))
     if as_json:
         for row in rows:
             typer.echo(json.dumps(row))
         return
-    from datetime import UTC, datetime
-
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"usage per {window} window ({settings.topic_rollups})")
-    for col in (
-        "window",
-        "tenant",
-        "model",
-        "provider",
-        "status",
-        "requests",
-        "no usage",
-        "prompt",
-        "completion",
-        "cost $",
-        "ttfc p95",
-        "tok/s",
-    ):
-        table.add_column(
-            col,
-            justify="right"
-            if col not in ("window", "tenant", "model", "provider", "status")
-            else "left",
-        )
-    for row in rows:
-        key, t = row["key"], row["totals"]
-        start = datetime.fromtimestamp(key["window_start_ms"] / 1000, UTC).strftime(
-            "%Y-%m-%d %H:%M"
-        )
-        table.add_row(
-            start + (" late" if key["late"] else ""),
-            key["tenant"],
-            key["model"],
-            key["provider"],
-            key["status"],
-            str(t["requests"]),
-            str(t["without_usage"]),
-            f"{t['prompt_tokens']:,}",
-            f"{t['completion_tokens']:,}",
-            f"{row['cost_usd']:.4f}",
-            f"{row['ttfc_ms_p95']} ms" if row["ttfc_ms_p95"] is not None else "-",
-            f"{row['output_tokens_per_s']:.1f}" if row["output_tokens_per_s"] else "-",
-        )
-    Console().print(table)
+    _table(rows, dims, window, settings.topic_rollups)
     if not rows:
         typer.echo("no usage yet: is a worker running (chunkstitch worker)?", err=True)
+
+
+def _table(rows: list[dict[str, Any]], dims: list[str], window: str, topic: str) -> None:
+    from rich.console import Console
+
+    cols = [
+        Col("window (UTC)"),
+        *(Col(d) for d in _DIMENSIONS if d in dims),
+        Col("requests", justify="right"),
+        Col("no usage", justify="right", drop=1),
+        Col("prompt", justify="right"),
+        Col("output", justify="right"),
+        Col("cost $", justify="right"),
+        Col("ttfc p95", justify="right"),
+        Col("tok/s", justify="right", drop=2),
+    ]
+    out = []
+    for row in rows:
+        key, t = row["key"], row["totals"]
+        out.append(
+            [
+                iso_utc(key["window_start_ms"]) + (" late" if key["late"] else ""),
+                *(str(key[d]) for d in _DIMENSIONS if d in dims),
+                str(t["requests"]),
+                str(t["without_usage"]),
+                f"{t['prompt_tokens']:,}",
+                f"{t['completion_tokens']:,}",
+                f"{row['cost_usd']:.4f}",
+                latency_bound(t["ttfc_ms_buckets"], 0.95),
+                f"{row['output_tokens_per_s']:.1f}" if row["output_tokens_per_s"] else "-",
+            ]
+        )
+    print_rows(Console(), cols, out, title=f"usage per {window} window ({topic})")

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from typing import Any
 
-from processor.clients._errors import BrokerUnavailable, UnknownTopic
+from processor.clients._errors import BrokerUnavailable, ClientError, UnknownTopic
 from processor.settings import Settings
 
 __all__ = ["connection_options", "ensure_topic", "start_client"]
@@ -27,11 +27,14 @@ async def start_client(client: Any, settings: Settings) -> None:
         raise BrokerUnavailable(settings.broker, f"no answer within {timeout:g} s") from None
     except Exception as exc:
         await _quiet_stop(client)
-        from aiokafka.errors import KafkaError
+        from processor.kafka import BrokerAuthFailed, connection_error
 
-        if isinstance(exc, KafkaError | OSError):
-            raise BrokerUnavailable(settings.broker, f"{type(exc).__name__}: {exc}") from exc
-        raise
+        diagnosed = await connection_error(settings, exc)  # auth failure is not "unreachable"
+        if diagnosed is None:
+            raise
+        if isinstance(diagnosed, BrokerAuthFailed):
+            raise ClientError(str(diagnosed)) from exc
+        raise BrokerUnavailable(settings.broker, diagnosed.detail) from exc
 
 
 async def ensure_topic(topic_names: set[str], topic: str, settings: Settings) -> None:

@@ -209,7 +209,7 @@ async def test_cli_publish_groups_interleaved_sse_streams(broker: str, tmp_path:
     )
     result = await asyncio.to_thread(
         _cli,
-        ["publish", str(capture), "--tenant", "cli", "--provider", "openai"],
+        ["publish", str(capture), "--tenant", "cli", "--provider", "openai", "--keep-ids"],
         broker,
         CHUNKSTITCH_TOPIC_CHUNKS=settings.topic_chunks,
     )

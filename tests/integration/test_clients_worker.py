@@ -180,7 +180,9 @@ async def test_cli_publish_and_cli_consume_match_assemble(
             check=False,
         )
 
-    published = await asyncio.to_thread(run, "publish", str(capture), "--tenant", "cli")
+    published = await asyncio.to_thread(
+        run, "publish", str(capture), "--tenant", "cli", "--keep-ids"
+    )
     assert published.returncode == 0, published.stderr
     consumed = await asyncio.to_thread(
         run, "consume", "--from-beginning", "--json", "--limit", "2", "--timeout", "60"

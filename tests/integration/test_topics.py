@@ -50,6 +50,6 @@ def test_create_is_idempotent_and_list_shows_configs(broker: str) -> None:
 
 def test_unreachable_broker_says_what_to_do() -> None:
     proc = _run(f"127.0.0.1:{free_port()}", "create", tag="x")
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # the same exit code as publish, consume and usage
     assert "cannot reach the Kafka broker" in proc.stderr
     assert "CHUNKSTITCH_BROKER" in proc.stderr
