@@ -2,9 +2,13 @@
 
 * :class:`Publisher` (gateway side): publishes every ``chat.completion.chunk`` of a
   stream with the record contract (key, sequence numbers, end-of-stream marker).
-* :func:`tee_chunks` / :func:`tee_sse`: pass a stream through unchanged while publishing it.
+* :class:`SyncPublisher` (WSGI / threaded gateways): the same publisher behind a blocking,
+  thread-safe API (one background thread runs the async publisher).
+* :func:`tee_chunks` / :func:`tee_sse` (and ``tee_chunks_sync`` / ``tee_sse_sync``): pass a
+  stream through unchanged while publishing it.
 * :class:`Consumer` (downstream side): ``async for response in consumer`` over finished
-  ``topics.ChatCompletion`` responses, at-least-once, duplicates dropped.
+  ``topics.ChatCompletion`` responses, at-least-once, duplicates dropped; and
+  ``await consumer.wait_for(completion_id)`` for request/response callers.
 """
 
 from processor.clients._consumer import Consumer, ConsumerStats, StartPosition
@@ -17,7 +21,8 @@ from processor.clients._errors import (
     UnknownTopic,
 )
 from processor.clients._publisher import ErrorCallback, Publisher, PublisherStats, StreamHandle
-from processor.clients._tee import tee_chunks, tee_sse
+from processor.clients._sync import SyncPublisher, SyncStreamHandle
+from processor.clients._tee import tee_chunks, tee_chunks_sync, tee_sse, tee_sse_sync
 
 __all__ = [
     "BrokerUnavailable",
@@ -32,7 +37,11 @@ __all__ = [
     "PublisherStats",
     "StartPosition",
     "StreamHandle",
+    "SyncPublisher",
+    "SyncStreamHandle",
     "UnknownTopic",
     "tee_chunks",
+    "tee_chunks_sync",
     "tee_sse",
+    "tee_sse_sync",
 ]

@@ -75,6 +75,7 @@ class Assembler:
         "_model",
         "_pending",
         "_seen_seqs",
+        "_sequenced",
         "_top",
         "_usage",
         "byte_size",
@@ -94,6 +95,7 @@ class Assembler:
         self._usage = _Usage()
         self._pending: dict[int, ChatCompletionChunk] = {}
         self._seen_seqs: set[int] = set()
+        self._sequenced = False
         self.next_seq = 0
         self.chunk_count = 0
         self.duplicates_dropped = 0
@@ -106,6 +108,7 @@ class Assembler:
         ``size`` is the chunk's raw byte size, summed into :attr:`byte_size` for limits.
         """
         if seq is not None:
+            self._sequenced = True
             if seq < self.next_seq or seq in self._pending:
                 self.duplicates_dropped += 1
                 return False
@@ -188,22 +191,51 @@ class Assembler:
             return 0
         return max(self._pending) + 1 - self.next_seq - len(self._pending)
 
+    def missing_below(self, count: int) -> int:
+        """How many of the chunks ``0 .. count-1`` (an end marker's count) never arrived.
+
+        Counts the gaps inside the sequence *and* the chunks missing after the highest one
+        seen (a stream whose last chunks were lost, or were not chunks at all). For a
+        stream without sequence numbers: how many fewer chunks than ``count`` arrived.
+        """
+        if not self._sequenced:
+            return max(count - self.chunk_count, 0)
+        if count <= self.next_seq:
+            return 0
+        arrived = sum(1 for s in self._pending if s < count) if self._pending else 0
+        return count - self.next_seq - arrived
+
     def has_all_seqs_below(self, n: int) -> bool:
         """True when every sequence number ``0 .. n-1`` has been applied."""
         return self.next_seq >= n
 
     # -- output -----------------------------------------------------------------------
-    def snapshot(self) -> ChatCompletion:
+    def snapshot(self, *, expected: int | None = None) -> ChatCompletion:
         """The response as it stands; the assembler keeps accepting chunks."""
-        return self._build(None, None, drain=False)
+        return self._build(None, None, drain=False, expected=expected)
 
-    def finish(self, *, status: Status | None = None, reason: str | None = None) -> ChatCompletion:
+    def finish(
+        self,
+        *,
+        status: Status | None = None,
+        reason: str | None = None,
+        expected: int | None = None,
+    ) -> ChatCompletion:
         """The final response. Out-of-order chunks still waiting are applied in sequence
-        order; a gap in the sequence makes the response ``incomplete``."""
-        return self._build(status, reason, drain=True)
+        order; a gap in the sequence makes the response ``incomplete``.
 
-    def _build(self, status: Status | None, reason: str | None, *, drain: bool) -> ChatCompletion:
+        ``expected`` is the stream's chunk count when known (the end-of-stream marker's
+        ``cs-end``): ``missing_chunks`` then also counts chunks lost after the last one
+        that arrived, as the idle-timeout reason does (:meth:`missing_below`).
+        """
+        return self._build(status, reason, drain=True, expected=expected)
+
+    def _build(
+        self, status: Status | None, reason: str | None, *, drain: bool, expected: int | None
+    ) -> ChatCompletion:
         missing = self.missing_chunks
+        if expected is not None:
+            missing = max(missing, self.missing_below(expected))
         if drain and self._pending:
             for seq in sorted(self._pending):
                 self._apply(self._pending[seq])

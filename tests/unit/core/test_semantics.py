@@ -499,6 +499,38 @@ def test_semantics_15_gap_in_sequence_is_incomplete() -> None:
     assert resp.chunkstitch.missing_chunks == 1
 
 
+def test_semantics_15_chunks_lost_after_the_last_one_count_as_missing() -> None:
+    """Issue 15: a stream of 21 chunks whose last one never arrived (the gateway published
+    "[DONE]" as seq 20: a dead letter). The idle-timeout reason said "1 of 21 chunks never
+    arrived" while missing_chunks said 0: the count only saw gaps *below* the highest seq
+    that arrived. With the end marker's count both say the same."""
+    from processor.core import DetectionPolicy, StreamClock, decide
+
+    asm = Assembler()
+    for seq in range(20):
+        asm.add(parse_chunk(chunk("c1", delta(content="x"))), seq=seq)
+    clock = StreamClock(opened_at=0, last_chunk_at=0, end_count=21, sequenced=True)
+    decision = decide(asm, clock, 31.0, DetectionPolicy(idle_timeout_s=30))
+    assert decision is not None
+    assert "1 of 21 chunks never arrived" in (decision.reason or "")
+    assert asm.missing_below(21) == 1
+    resp = asm.finish(status=decision.status, reason=decision.reason, expected=21)
+    assert resp.chunkstitch.missing_chunks == 1
+    assert resp.chunkstitch.status == "incomplete"
+
+
+def test_semantics_15_missing_below_counts_gaps_and_tail_once() -> None:
+    asm = Assembler()
+    for seq in (0, 1, 3):  # 2 is a gap, 4 is lost at the tail
+        asm.add(parse_chunk(chunk("c1", delta(content="x"))), seq=seq)
+    assert asm.missing_chunks == 1  # without the end marker only the gap is known
+    assert asm.missing_below(5) == 2
+    assert asm.finish(expected=5).chunkstitch.missing_chunks == 2
+    unsequenced = Assembler()
+    unsequenced.add(parse_chunk(chunk("c1", delta(content="x"))))
+    assert unsequenced.missing_below(3) == 2
+
+
 # 16. OpenAI validation and chunkstitch metadata.
 def test_semantics_16_validates_as_openai_chat_completion() -> None:
     from openai.types.chat import ChatCompletion as OpenAIChatCompletion
