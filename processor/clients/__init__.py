@@ -19,10 +19,12 @@ from processor.clients._errors import (
     InvalidRecord,
     PublishError,
     UnknownTopic,
+    WaitTimeout,
 )
 from processor.clients._publisher import ErrorCallback, Publisher, PublisherStats, StreamHandle
 from processor.clients._sync import SyncPublisher, SyncStreamHandle
 from processor.clients._tee import tee_chunks, tee_chunks_sync, tee_sse, tee_sse_sync
+from processor.clients._waiter import ResponseWaiter, partition_for
 
 __all__ = [
     "BrokerUnavailable",
@@ -35,11 +37,14 @@ __all__ = [
     "PublishError",
     "Publisher",
     "PublisherStats",
+    "ResponseWaiter",
     "StartPosition",
     "StreamHandle",
     "SyncPublisher",
     "SyncStreamHandle",
     "UnknownTopic",
+    "WaitTimeout",
+    "partition_for",
     "tee_chunks",
     "tee_chunks_sync",
     "tee_sse",
