@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
 from processor.core._merge import ChoiceState, normalize_finish_reason, snake_keys
 from topics._chunk import ChatCompletionChunk, ChunkUsage
 from topics._response import ChatCompletion, Status
@@ -71,6 +73,7 @@ class Assembler:
         "_created",
         "_error",
         "_extra",
+        "_groq_usage",
         "_id",
         "_model",
         "_pending",
@@ -93,6 +96,7 @@ class Assembler:
         self._error: dict[str, Any] | None = None
         self._choices: dict[float, ChoiceState] = {}
         self._usage = _Usage()
+        self._groq_usage: _Usage | None = None  # x_groq.usage: used when no usage came
         self._pending: dict[int, ChatCompletionChunk] = {}
         self._seen_seqs: set[int] = set()
         self._sequenced = False
@@ -159,6 +163,27 @@ class Assembler:
             for key, value in extra.items():
                 if key not in _PADDING and value is not None:
                     self._extra[key] = value
+            groq = extra.get("x_groq")
+            if isinstance(groq, dict) and isinstance(groq.get("usage"), dict):
+                self._apply_groq_usage(groq["usage"])
+
+    def _apply_groq_usage(self, raw: dict[str, Any]) -> None:
+        """Older Groq models report usage only as ``x_groq.usage`` (with Groq's timings:
+        ``queue_time``, ``total_time`` ...). It is the usage when the stream has no
+        top-level ``usage``; a top-level one always wins. Unreadable -> kept as an extra."""
+        try:
+            usage = ChunkUsage.model_validate(raw)
+        except ValidationError:
+            return
+        if self._groq_usage is None:
+            self._groq_usage = _Usage()
+        self._groq_usage.apply(usage)
+
+    @property
+    def _effective_usage(self) -> _Usage:
+        if not self._usage.seen and self._groq_usage is not None:
+            return self._groq_usage
+        return self._usage
 
     # -- state for completion detection -------------------------------------------------
     @property
@@ -172,7 +197,7 @@ class Assembler:
 
     @property
     def usage_reported(self) -> bool:
-        return self._usage.seen
+        return self._usage.seen or self._groq_usage is not None
 
     @property
     def has_error(self) -> bool:
@@ -242,6 +267,7 @@ class Assembler:
             self.next_seq = max(self._pending) + 1
             self._pending.clear()
         auto_status, auto_reason = self._status(missing)
+        usage = self._effective_usage
         if status is None:
             status, reason = auto_status, reason or auto_reason
         elif reason is None and status == auto_status:
@@ -253,7 +279,7 @@ class Assembler:
             "created": self._created or 0,
             "model": self._model or "",
             "choices": [self._choices[i].choice() for i in sorted(self._choices)],
-            "usage": self._usage.to_dict() if self._usage.seen else None,
+            "usage": usage.to_dict() if usage.seen else None,
             **self._top,
             "error": self._error,
             "chunkstitch": {
@@ -262,7 +288,7 @@ class Assembler:
                 "chunk_count": self.chunk_count,
                 "duplicates_dropped": self.duplicates_dropped,
                 "missing_chunks": missing,
-                "usage_reported": self._usage.seen,
+                "usage_reported": usage.seen,
             },
         }
         return ChatCompletion.model_validate(body)

@@ -351,6 +351,60 @@ def test_semantics_11_no_usage_reported_plainly() -> None:
     assert resp.chunkstitch.usage_reported is False
 
 
+def _groq(usage: dict[str, object]) -> dict[str, object]:
+    return {"id": "req_01", "usage": usage}
+
+
+GROQ_USAGE = {
+    "queue_time": 0.017,
+    "prompt_tokens": 12,
+    "prompt_time": 0.0015,
+    "completion_tokens": 22,
+    "completion_time": 0.018,
+    "total_tokens": 34,
+    "total_time": 0.0196,
+}
+
+
+def test_semantics_11_groq_x_groq_usage_is_the_usage_when_no_top_level_usage() -> None:
+    """Older Groq models report usage only under ``x_groq.usage``: it is counted."""
+    resp = run(
+        chunk("c1", delta(role="assistant", content="hi"), x_groq={"id": "req_01"}),
+        chunk("c1", delta(finish="stop"), x_groq=_groq(GROQ_USAGE)),
+    )
+    assert resp.chunkstitch.usage_reported is True
+    assert resp.usage is not None
+    usage = resp.usage.model_dump()
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (
+        12,
+        22,
+        34,
+    )
+    assert usage["queue_time"] == 0.017  # Groq's timings kept as provider extras
+    assert json.loads(resp.to_json())["x_groq"]["id"] == "req_01"  # the extra stays too
+
+
+def test_semantics_11_top_level_usage_wins_over_x_groq_usage() -> None:
+    resp = run(
+        chunk("c1", delta(content="hi"), x_groq=_groq(GROQ_USAGE)),
+        chunk(
+            "c1",
+            delta(finish="stop"),
+            usage={"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11},
+        ),
+    )
+    assert resp.usage is not None
+    assert resp.usage.total_tokens == 11
+    assert "queue_time" not in resp.usage.model_dump()
+
+
+def test_semantics_11_unreadable_x_groq_usage_is_only_kept_as_an_extra() -> None:
+    resp = run(chunk("c1", delta(finish="stop"), x_groq=_groq({"prompt_tokens": "many"})))
+    assert resp.usage is None
+    assert resp.chunkstitch.usage_reported is False
+    assert json.loads(resp.to_json())["x_groq"]["usage"] == {"prompt_tokens": "many"}
+
+
 # 12. Finish.
 def test_semantics_12_finish_reason_normalized_raw_kept() -> None:
     resp = run(chunk("c1", delta(content="x", finish="model_length")))
