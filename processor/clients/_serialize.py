@@ -23,6 +23,11 @@ def to_value(chunk: Any) -> bytes:
       ``ChatCompletionChunk``, any pydantic model): its snake_case JSON with only the fields
       that were set, so a chunk parsed from the wire keeps the wire's fields.
     """
+    kind = type(chunk)
+    if kind is bytes:
+        return chunk  # type: ignore[no-any-return]
+    if kind is dict:
+        return _dumps(chunk)
     if isinstance(chunk, bytes):
         return chunk
     if isinstance(chunk, str):
