@@ -226,6 +226,14 @@ async def test_example_gateway_to_worker_to_consumer(worker_env: dict[str, str])
     cid = received[-1]["id"]
     got = await asyncio.wait_for(_collect(settings, {cid}), 120)
     (local,) = assemble_many(parse_chunk(c) for c in received)
+    # the gateway asked the upstream for usage (the client did not, so it never saw the
+    # usage-only chunk): the worker's response has it, the rest is what the client got
+    assert got[cid].usage is not None
+    assert got[cid].usage.completion_tokens == 4  # "through the whole pipeline"
+    assert got[cid].chunkstitch.usage_reported is True
+    assert local.usage is None
+    got[cid].usage = None
+    got[cid].chunkstitch.chunk_count -= 1
     _same_content(got[cid], local)
     assert got[cid].choices[0].message.content == "through the whole pipeline"
     assert got[cid].chunkstitch.tenant == "gw"

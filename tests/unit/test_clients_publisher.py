@@ -336,3 +336,41 @@ async def test_tee_chunks_sends_the_end_marker_at_done_not_when_the_connection_c
     assert after_done == [2]  # chunk + end marker already published
     assert len(pub.records) == 2  # data after [DONE] is passed through, not published
     assert decode_headers(pub.records[-1][2]).end_reason == "done"
+
+
+# --- the example gateway's usage handling -------------------------------------------------
+
+
+def test_gateway_asks_for_usage_only_when_the_client_did_not_say() -> None:
+    from examples.gateway import _ask_for_usage
+
+    body, strip = _ask_for_usage(b'{"stream": true, "messages": []}')
+    assert strip is True
+    assert json.loads(body)["stream_options"] == {"include_usage": True}
+    for unchanged in (
+        b'{"stream": true, "stream_options": {"include_usage": false}}',  # the client said
+        b'{"stream": true, "stream_options": {"include_usage": true}}',
+        b'{"stream": false}',
+        b"not json",
+    ):
+        assert _ask_for_usage(unchanged) == (unchanged, False)
+
+
+async def test_gateway_drops_only_the_usage_only_event_wherever_the_bytes_are_cut() -> None:
+    from examples.gateway import _without_usage_chunk
+
+    events = [
+        b": keep-alive\n\n",
+        b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"a"}}],"usage":null}\n\n',
+        b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":1}}\r\n\r\n',
+        b"data: [DONE]\n\n",
+    ]
+    wire = b"".join(events)
+    for size in (1, 5, 17, len(wire)):
+
+        async def source(n: int = size) -> AsyncIterator[bytes]:
+            for i in range(0, len(wire), n):
+                yield wire[i : i + n]
+
+        out = b"".join([piece async for piece in _without_usage_chunk(source())])
+        assert out == events[0] + events[1] + events[3]
