@@ -22,6 +22,8 @@ scanning the topic:
   the call is found too. Without ``since`` such a response is not seen and the call
   times out: call ``wait_for`` before (or while) the stream is published, or pass
   ``since``.
+  (The embedded broker answers that ListOffsets with the partition's first offset:
+  there ``since`` reads the partition from its start, correct but a scan.)
 * **Duplicates.** The worker may emit an identical response twice (after a crash): the
   first one ends the wait. Several waits for the same id all get it.
 
