@@ -106,12 +106,16 @@ async def test_sync_delivery_failure_goes_to_the_callback_or_is_raised(broker: s
         publisher = SyncPublisher(settings)
         publisher.start()
         try:
-            # raised by the next call into the publisher: the end marker's send or the
-            # flush, whichever comes after the broker's answer (another thread runs it)
-            with pytest.raises(DeliveryError, match="MessageSizeTooLarge"):
+
+            def stream_then_flush() -> None:
                 with publisher.stream() as s:
                     s.send(_oversize("big-2"))
                 publisher.flush(10)
+
+            # raised by the next call into the publisher: the end marker's send or the
+            # flush, whichever comes after the broker's answer (another thread runs it)
+            with pytest.raises(DeliveryError, match="MessageSizeTooLarge"):
+                stream_then_flush()
         finally:
             publisher.stop()
 
