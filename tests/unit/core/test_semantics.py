@@ -623,6 +623,28 @@ def test_semantics_16_validates_as_openai_chat_completion() -> None:
     }
 
 
+def test_semantics_16_no_null_keys_that_say_nothing() -> None:
+    """Issue 15: responses carried "error": null and "provider": null. chunkstitch's own
+    optional fields are left out when null in every serialization; the response still
+    validates as OpenAI's ChatCompletion from model_dump_json() too."""
+    from openai.types.chat import ChatCompletion as OpenAIChatCompletion
+
+    resp = run(chunk("c1", delta(role="assistant", content="Hi", finish="stop"), model="m"))
+    for body in (json.loads(resp.model_dump_json()), resp.model_dump(), json.loads(resp.to_json())):
+        assert "error" not in body
+        assert "provider" not in body
+        assert "reason" not in body["chunkstitch"]
+        assert "tenant" not in body["chunkstitch"]
+        assert "raw_finish_reason" not in body["choices"][0]
+        assert "reasoning" not in body["choices"][0]["message"]
+    parsed = OpenAIChatCompletion.model_validate_json(resp.model_dump_json())
+    assert parsed.choices[0].message.content == "Hi"
+    errored = run(chunk("c1", delta(content="x"), error={"message": "boom"}, provider="Groq"))
+    body = json.loads(errored.model_dump_json())
+    assert body["error"] == {"message": "boom"}
+    assert body["provider"] == "Groq"
+
+
 @pytest.mark.parametrize(
     ("raw", "reason", "field"),
     [
