@@ -4,10 +4,17 @@ In one run, on the same broker and topic settings (acks, linger, compression fro
 Settings), alternating rounds:
   bare        aiokafka ``await producer.send(topic, value, key=key)`` per chunk, then flush;
   publisher   chunkstitch ``await stream.send(raw_bytes)`` per chunk (seq + tenant/provider/
-              started-at headers, an end marker per stream), then flush.
+              started-at headers, an end marker per stream), then flush;
+  dicts       the same with dict chunks (serialized by the publisher: orjson);
+  sync        ``SyncPublisher``: ``stream.send(raw_bytes)`` from a caller thread, the
+              asyncio publisher on its background thread.
 Reported per chunk: the time the caller spends inside send (the hot path) and the
 end-to-end time until every record is acknowledged; chunks/second for one publisher;
 and the microseconds the publisher adds over the bare send. Target: < 20 us added.
+
+First, without a broker: the serialization micro-benchmarks behind the choice of
+orjson (a dict chunk -> bytes with json.dumps vs orjson, and a finished response ->
+bytes with pydantic's model_dump_json vs ChatCompletion.to_json).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import uuid
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from processor.clients import Publisher
+from processor.clients import Publisher, SyncPublisher
 from processor.settings import Settings
 
 __all__ = ["main"]
@@ -124,6 +131,91 @@ async def _publisher(
         return hot, total
 
 
+async def _dicts(settings: Settings, data: list[tuple[str, list[bytes]]]) -> tuple[float, float]:
+    dicts = [(cid, [json.loads(raw) for raw in raws]) for cid, raws in data]
+    async with Publisher(settings) as publisher:
+        hot = 0.0
+        t0 = time.perf_counter()
+        for _cid, chunks in dicts:
+            t = time.perf_counter()
+            async with publisher.stream(tenant="bench", provider="openai") as stream:
+                for chunk in chunks:
+                    await stream.send(chunk)
+            hot += time.perf_counter() - t
+        await publisher.flush()
+        total = time.perf_counter() - t0
+        assert publisher.stats.failed == 0, publisher.stats
+        return hot, total
+
+
+def _sync_round(settings: Settings, data: list[tuple[str, list[bytes]]]) -> tuple[float, float]:
+    with SyncPublisher(settings) as publisher:
+        hot = 0.0
+        t0 = time.perf_counter()
+        for _cid, raws in data:
+            t = time.perf_counter()
+            with publisher.stream(tenant="bench", provider="openai") as stream:
+                for raw in raws:
+                    stream.send(raw)
+            hot += time.perf_counter() - t
+        publisher.flush()
+        total = time.perf_counter() - t0
+        assert publisher.stats.failed == 0, publisher.stats
+        return hot, total
+
+
+async def _sync(settings: Settings, data: list[tuple[str, list[bytes]]]) -> tuple[float, float]:
+    return await asyncio.to_thread(_sync_round, settings, data)
+
+
+def _per_call_us(fn: object, n: int) -> float:
+    call = fn  # type: ignore[assignment]
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(n):
+            call()  # type: ignore[operator]
+        best = min(best, (time.perf_counter() - t) / n * 1e6)
+    return best
+
+
+def serialization() -> None:
+    """json.dumps vs orjson for a dict chunk; model_dump_json vs to_json for a response."""
+    import random
+
+    import orjson
+
+    from processor.clients._serialize import to_value
+    from processor.core import Assembler, parse_chunk
+    from processor.synthetic import text_stream, tool_stream
+
+    rng = random.Random(1)
+    chunk = text_stream("bench-s", 3, rng)[1]
+    tool = tool_stream("bench-t", 8, rng)[2]
+    rows = []
+    for label, obj in (("text chunk (dict)", chunk), ("tool-call chunk (dict)", tool)):
+        std = _per_call_us(
+            lambda o=obj: json.dumps(o, separators=(",", ":"), ensure_ascii=False).encode(),
+            20_000,
+        )
+        fast = _per_call_us(lambda o=obj: orjson.dumps(o), 20_000)
+        used = _per_call_us(lambda o=obj: to_value(o), 20_000)
+        rows.append((label, "json.dumps", std, "orjson", fast, used))
+    for label, n in (("response, 20 chunks", 20), ("response, 500 chunks", 500)):
+        asm = Assembler()
+        for raw in text_stream("bench-r", n, rng):
+            asm.add(parse_chunk(raw))
+        response = asm.finish()
+        std = _per_call_us(lambda r=response: r.model_dump_json(exclude_none=True).encode(), 5_000)
+        fast = _per_call_us(lambda r=response: orjson.dumps(r.model_dump(exclude_none=True)), 5_000)
+        used = _per_call_us(lambda r=response: r.to_json(), 5_000)
+        rows.append((label, "model_dump_json", std, "orjson(model_dump)", fast, used))
+    head = f"{'serialization (us/call, best of 5)':38s}{'baseline':>22s}"
+    print(f"{head}{'alternative':>26s}{'used':>9s}")
+    for label, base, std, alt, fast, used in rows:
+        print(f"{label:38s}{base:>15s}{std:7.2f}{alt:>19s}{fast:7.2f}{used:9.2f}")
+
+
 async def _run(streams: int, per_stream: int, rounds: int) -> None:
     proc, addr = _start_broker()
     try:
@@ -142,7 +234,12 @@ async def _run(streams: int, per_stream: int, rounds: int) -> None:
         await _bare(settings, data[:10])  # warm-up (connections, metadata)
         best: dict[str, tuple[float, float]] = {}
         for r in range(rounds):
-            for name, fn in (("bare", _bare), ("publisher", _publisher)):
+            for name, fn in (
+                ("bare", _bare),
+                ("publisher", _publisher),
+                ("dicts", _dicts),
+                ("sync", _sync),
+            ):
                 hot, total = await fn(settings, data)
                 prev = best.get(name)
                 best[name] = (min(prev[0], hot), min(prev[1], total)) if prev else (hot, total)
@@ -150,14 +247,15 @@ async def _run(streams: int, per_stream: int, rounds: int) -> None:
         print(f"{'':12s}{'hot path us/chunk':>20s}{'end-to-end us/chunk':>22s}{'chunks/s':>12s}")
         for name, (hot, total) in best.items():
             print(f"{name:12s}{hot / n * 1e6:20.2f}{total / n * 1e6:22.2f}{n / total:12,.0f}")
-        added_hot = (best["publisher"][0] - best["bare"][0]) / n * 1e6
-        added_total = (best["publisher"][1] - best["bare"][1]) / n * 1e6
-        verdict = "OK" if added_total < 20 else "ABOVE TARGET"
-        print(
-            f"publisher adds {added_hot:+.2f} us/chunk on the hot path and "
-            f"{added_total:+.2f} us/chunk end to end over a bare aiokafka send "
-            f"(target < 20 us: {verdict})"
-        )
+        for name in ("publisher", "dicts", "sync"):
+            added_hot = (best[name][0] - best["bare"][0]) / n * 1e6
+            added_total = (best[name][1] - best["bare"][1]) / n * 1e6
+            verdict = "OK" if added_total < 20 else "ABOVE TARGET"
+            print(
+                f"{name} adds {added_hot:+.2f} us/chunk on the hot path and "
+                f"{added_total:+.2f} us/chunk end to end over a bare aiokafka send "
+                f"(target < 20 us: {verdict})"
+            )
     finally:
         proc.kill()
         proc.wait()
@@ -168,5 +266,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--chunks", type=int, default=100, help="chunks per stream")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--serialization-only", action="store_true", help="only the micro-benchmarks"
+    )
     args = parser.parse_args(argv)
-    asyncio.run(_run(args.streams, args.chunks, args.rounds))
+    serialization()
+    if not args.serialization_only:
+        asyncio.run(_run(args.streams, args.chunks, args.rounds))

@@ -1,3 +1,3 @@
-from processor.cli import main
+from processor._entry import main
 
 main()

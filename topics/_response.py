@@ -18,7 +18,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+# chunkstitch's own optional fields (not OpenAI's): left out of every serialization
+# (model_dump, model_dump_json, to_json) when they are None, since a null there says
+# nothing. OpenAI's own optional fields (content, tool_calls, system_fingerprint, ...)
+# keep their nulls in model_dump so that it mirrors OpenAI's shape; to_json drops all.
+def _omit_none() -> Any:
+    return Field(default=None, exclude_if=_is_none)
+
 
 __all__ = [
     "ChatCompletion",
@@ -62,13 +75,13 @@ class CompletionMessage(_Out):
     role: str = "assistant"
     content: str | None = None
     refusal: str | None = None
-    reasoning: str | None = None
-    reasoning_details: list[dict[str, Any]] | None = None
+    reasoning: str | None = _omit_none()
+    reasoning_details: list[dict[str, Any]] | None = _omit_none()
     tool_calls: list[ToolCall] | None = None
     function_call: FunctionCall | None = None
     audio: MessageAudio | None = None
     annotations: list[Any] | None = None
-    content_parts: list[Any] | None = None
+    content_parts: list[Any] | None = _omit_none()
 
 
 class ChoiceLogprobs(_Out):
@@ -80,8 +93,8 @@ class CompletionChoice(_Out):
     index: int
     message: CompletionMessage
     finish_reason: str | None = None
-    raw_finish_reason: str | None = None
-    native_finish_reason: str | None = None
+    raw_finish_reason: str | None = _omit_none()
+    native_finish_reason: str | None = _omit_none()
     logprobs: ChoiceLogprobs | None = None
 
 
@@ -106,20 +119,20 @@ class ChunkstitchMeta(BaseModel):
     """chunkstitch's own metadata about how the response was assembled."""
 
     status: Status
-    reason: str | None = None
+    reason: str | None = _omit_none()
     chunk_count: int = 0
     duplicates_dropped: int = 0
     missing_chunks: int = 0
     usage_reported: bool = False
     # Filled by the worker (None when assembled offline by `chunkstitch assemble`):
-    tenant: str | None = None
-    provider: str | None = None
-    request_started_at_ms: int | None = None
-    first_chunk_at_ms: int | None = None
-    last_chunk_at_ms: int | None = None
-    time_to_first_chunk_ms: int | None = None
-    duration_ms: int | None = None
-    source: SourceRange | None = None
+    tenant: str | None = _omit_none()
+    provider: str | None = _omit_none()
+    request_started_at_ms: int | None = _omit_none()
+    first_chunk_at_ms: int | None = _omit_none()
+    last_chunk_at_ms: int | None = _omit_none()
+    time_to_first_chunk_ms: int | None = _omit_none()
+    duration_ms: int | None = _omit_none()
+    source: SourceRange | None = _omit_none()
 
 
 class ChatCompletion(_Out):
@@ -133,10 +146,16 @@ class ChatCompletion(_Out):
     usage: CompletionUsage | None = None
     system_fingerprint: str | None = None
     service_tier: str | None = None
-    provider: str | None = None
-    error: dict[str, Any] | None = None
+    provider: str | None = _omit_none()
+    error: dict[str, Any] | None = _omit_none()
     chunkstitch: ChunkstitchMeta
 
     def to_json(self) -> bytes:
-        """Canonical serialization (snake_case, nulls omitted): same content, same bytes."""
-        return self.model_dump_json(exclude_none=True).encode()
+        """Canonical serialization (snake_case, nulls omitted): same content, same bytes.
+
+        Calls pydantic-core's serializer directly: it returns the UTF-8 bytes that
+        ``model_dump_json`` would decode to ``str`` (and the caller encode again); the same
+        bytes, about 20% faster (benchmarks/core.py measures it).
+        """
+        data: bytes = self.__pydantic_serializer__.to_json(self, exclude_none=True)
+        return data

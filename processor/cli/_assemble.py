@@ -1,14 +1,17 @@
-"""``chunkstitch assemble``: chunks (JSON Lines or an SSE capture) in, finished responses out."""
+"""``chunkstitch assemble``: chunks (JSON Lines or an SSE capture) in, finished responses out.
+
+The work is done by :mod:`processor._offline` (no typer, no Kafka client); the console
+script runs it without loading the rest of the CLI when the command line is a plain
+``assemble [--pretty] [--single] [FILE|-]`` (``processor/_entry.py``).
+"""
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
 
 from processor.cli import app
-from processor.cli._source import READ_SIZE, open_source
 
 __all__ = ["assemble"]
 
@@ -16,51 +19,37 @@ __all__ = ["assemble"]
 @app.command()
 def assemble(
     source: Annotated[
-        str, typer.Argument(help="A JSON Lines file or raw SSE capture; '-' reads stdin.")
-    ] = "-",
+        str | None,
+        typer.Argument(
+            help="A JSON Lines file or raw SSE capture; '-' reads stdin (the default when "
+            "input is piped).",
+            show_default=False,
+        ),
+    ] = None,
     pretty: Annotated[bool, typer.Option("--pretty", help="Indent the JSON for humans.")] = False,
+    single: Annotated[
+        bool,
+        typer.Option(
+            "--single",
+            "--one-stream",
+            help="The capture is ONE stream: assemble every chunk into one completion "
+            "whatever its chunks' ids say (Groq compound models give each chunk a new id).",
+        ),
+    ] = False,
 ) -> None:
     """Reassemble chunk streams into finished chat.completion objects (one JSON per line).
 
     Several completions may be interleaved; they are grouped by id and printed in
     first-seen order. Bad lines are reported on stderr with their line number; the rest
-    is still assembled and the exit code is 1.
+    is still assembled and the exit code is 1. An input without any chunk is an error
+    (exit 1).
     """
-    from processor.core import ChunkLineDecoder, ChunkRejected, Payload, StreamGrouper, parse_chunk
+    from processor import _offline
 
-    grouper = StreamGrouper()
-    decoder = ChunkLineDecoder()
-    bad = 0
-
-    def take(items: list[Payload]) -> None:
-        nonlocal bad
-        for item in items:
-            if item.done:
-                continue
-            if item.error is not None:
-                bad += 1
-                typer.echo(f"line {item.lineno}: {item.error}", err=True)
-                continue
-            try:
-                grouper.add(parse_chunk(item.data), size=len(item.data))
-            except ChunkRejected as exc:
-                bad += 1
-                typer.echo(f"line {item.lineno}: not a chunk: {exc}", err=True)
-
-    stream, _ = open_source(source)
-    with stream:
-        while block := stream.read(READ_SIZE):
-            take(decoder.decode(block))
-        take(decoder.flush())
-
-    out = sys.stdout
-    for response in grouper.finish():
-        if pretty:
-            out.write(response.model_dump_json(exclude_none=True, indent=2))
-        else:
-            out.write(response.to_json().decode())
-        out.write("\n")
-    out.flush()
-    if bad:
-        typer.echo(f"{bad} line(s) could not be assembled (see above)", err=True)
-        raise typer.Exit(1)
+    try:
+        code = _offline.assemble(source, pretty=pretty, single=single)
+    except _offline.AssembleExit as exc:
+        raise typer.Exit(exc.code) from None
+    _offline.exit_now(code)
+    if code:
+        raise typer.Exit(code)

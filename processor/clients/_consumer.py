@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -97,6 +98,7 @@ class Consumer:
         self._committed: dict[Any, int] = {}
         self._last_commit = time.monotonic()
         self._positioned: set[Any] = set()
+        self._waiter: Any = None  # ResponseWaiter, created by the first wait_for()
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -127,6 +129,9 @@ class Consumer:
         The response last yielded counts as finished (the caller closed normally, e.g.
         after ``break``); leaving ``async with`` by an exception does not commit it.
         """
+        if self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            await waiter.close()
         if self._consumer is None:
             return
         if self._pending is not None:
@@ -137,6 +142,32 @@ class Consumer:
         finally:
             await self._consumer.stop()
             self._consumer = None
+
+    async def wait_for(
+        self,
+        completion_id: str,
+        timeout: float | None = 60.0,  # noqa: ASYNC109
+        *,
+        since: datetime | float | None = None,
+    ) -> ChatCompletion:
+        """The finished response of one completion id, for request/response callers.
+
+        Reads only the partition the id hashes to, from the moment the wait starts (or
+        from ``since``, e.g. the request's start, to also find a response that was
+        finished before the call); commits nothing and does not disturb ``async for``.
+        Raises :class:`WaitTimeout` after ``timeout`` seconds. See
+        :class:`processor.clients.ResponseWaiter` (use it directly when you only wait).
+        """
+        if self._consumer is None:
+            raise RuntimeError("the consumer is not started: use `async with Consumer(...)`")
+        if self._waiter is None:
+            from processor.clients._waiter import ResponseWaiter
+
+            waiter = ResponseWaiter(self.settings, topic=self.topic)
+            await waiter.start()
+            self._waiter = waiter
+        response: ChatCompletion = await self._waiter.wait_for(completion_id, timeout, since=since)
+        return response
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -9,6 +9,7 @@ __all__ = [
     "InvalidRecord",
     "PublishError",
     "UnknownTopic",
+    "WaitTimeout",
 ]
 
 
@@ -61,3 +62,7 @@ class InvalidRecord(ClientError):
         super().__init__(message)
         self.partition = partition
         self.offset = offset
+
+
+class WaitTimeout(ClientError, TimeoutError):
+    """No finished response for the awaited completion id arrived in time."""

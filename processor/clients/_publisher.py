@@ -97,6 +97,9 @@ class Publisher:
         self._buffer_max = self.settings.producer_buffer_max
         self._error: DeliveryError | None = None
         self._running = False
+        # Called (on the publisher's loop) once per queued record that was delivered or
+        # failed; the SyncPublisher frees a slot of its thread-safe buffer there.
+        self._settled: Callable[[], None] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -236,7 +239,7 @@ class Publisher:
                 f"(raise CHUNKSTITCH_PRODUCER_BUFFER_MAX or CHUNKSTITCH_PRODUCER_BUFFER_WAIT_S)"
             )
             self.stats.accepted += 1
-            self._fail(exc, key, seq, reason="buffer_full")
+            self._fail(exc, key, seq, reason="buffer_full", settle=False)
             self._raise_pending()  # no error callback: the caller gets the error
             return False
         return True
@@ -270,6 +273,8 @@ class Publisher:
             self._fail(exc, key, seq)
         else:
             self.stats.delivered += 1
+            if self._settled is not None:
+                self._settled()
         self._release()
 
     def _release(self) -> None:
@@ -287,9 +292,18 @@ class Publisher:
             self._drain_waiters.clear()
 
     def _fail(
-        self, exc: BaseException, key: bytes | None, seq: int | None, reason: str | None = None
+        self,
+        exc: BaseException,
+        key: bytes | None,
+        seq: int | None,
+        reason: str | None = None,
+        *,
+        settle: bool = True,
+        store: bool = True,
     ) -> None:
         self.stats.failed += 1
+        if settle and self._settled is not None:
+            self._settled()
         what = "end marker" if seq is None else f"chunk seq={seq}"
         err = DeliveryError(
             f"{what} of completion {key.decode(errors='replace') if key else '?'} was not "
@@ -306,7 +320,7 @@ class Publisher:
                 self._on_error(err)
             except Exception as cb_exc:
                 log.error("publisher_error_callback_failed", error=repr(cb_exc))
-        elif self._error is None:
+        elif store and self._error is None:
             self._error = err
 
     def _raise_pending(self) -> None:
@@ -315,13 +329,14 @@ class Publisher:
             raise err
 
 
-class StreamHandle:
-    """One completion stream: numbers chunks, keys them, sends the end marker on exit."""
+class _StreamState:
+    """What both stream handles share: numbering, keying, held placeholders, end marker.
 
-    def __init__(
-        self, publisher: Publisher, static_headers: _Headers, completion_id: str | None
-    ) -> None:
-        self._pub = publisher
+    Pure bookkeeping: it turns chunks into records (key, value, headers, seq) and leaves
+    handing them over to the async or sync publisher to the subclass.
+    """
+
+    def __init__(self, static_headers: _Headers, completion_id: str | None) -> None:
         self._static = static_headers
         self.completion_id = completion_id
         self._key: bytes | None = completion_id.encode() if completion_id else None
@@ -331,8 +346,8 @@ class StreamHandle:
         self.closed = False
         self.started_at = time.time()
 
-    async def send(self, chunk: Any) -> None:
-        """Publish one chunk (dict, JSON bytes/str, or an object with ``model_dump``)."""
+    def _records(self, chunk: Any) -> list[_Record]:
+        """The records to publish for ``chunk`` (none while an id-less chunk is held)."""
         if self.closed:
             raise PublishError("this stream is closed; open a new one with publisher.stream()")
         value = to_value(chunk)
@@ -343,45 +358,78 @@ class StreamHandle:
             cid = chunk_id(chunk, value)
             if cid is None:  # Azure placeholder (id ""), or no id yet: hold it
                 self._held.append((value, seq))
-                return
+                return []
             self.completion_id = cid
             self._key = key = cid.encode()
-            await self._send_held(key)
-        self._pub.stats.chunks += 1
-        await self._pub._put(key, value, [(HEADER_SEQ, str(seq).encode()), *self._static], seq)
+            return [*self._take_held(key), self._record(key, value, seq)]
+        return [self._record(key, value, seq)]
 
-    def mark_done(self) -> None:
-        """The upstream sent ``[DONE]``: the end marker will say ``done``."""
-        self.saw_done = True
+    def _record(self, key: bytes | None, value: bytes, seq: int) -> _Record:
+        return (key, value, [(HEADER_SEQ, str(seq).encode()), *self._static], seq)
 
-    async def close(self, reason: EndReason | None = None) -> None:
-        """Send the end-of-stream marker (once). Default reason: done / closed."""
+    def _take_held(self, key: bytes | None) -> list[_Record]:
+        held, self._held = self._held, []
+        return [self._record(key, value, seq) for value, seq in held]
+
+    def _end_records(self, reason: EndReason | None) -> list[_Record]:
+        """The records that close the stream: its end marker (or, when no id ever came,
+        the held chunks without a key). Empty when already closed."""
         if self.closed:
-            return
+            return []
         self.closed = True
         reason = reason or ("done" if self.saw_done else "closed")
-        pub = self._pub
-        pub.stats.streams += 1
         if self._key is None:
             if self._held:
                 # No id ever arrived: publish what we have without a key (never drop it);
                 # the worker routes by the chunk's own id or dead-letters it with a reason.
                 log.warning("stream_without_id", chunks=len(self._held), reason=reason)
-                await self._send_held(None)
-            return
+            return self._take_held(None)
         headers = [
             (HEADER_END, str(self.count).encode()),
             (HEADER_END_REASON, reason.encode()),
             *self._static,
         ]
-        await pub._put(self._key, b"", headers, None)
+        return [(self._key, b"", headers, None)]
 
-    async def _send_held(self, key: bytes | None) -> None:
-        held, self._held = self._held, []
-        for value, seq in held:
+    def mark_done(self) -> None:
+        """The upstream sent ``[DONE]``: the end marker will say ``done``."""
+        self.saw_done = True
+
+
+class StreamHandle(_StreamState):
+    """One completion stream: numbers chunks, keys them, sends the end marker on exit."""
+
+    def __init__(
+        self, publisher: Publisher, static_headers: _Headers, completion_id: str | None
+    ) -> None:
+        super().__init__(static_headers, completion_id)
+        self._pub = publisher
+
+    async def send(self, chunk: Any) -> None:
+        """Publish one chunk (dict, JSON bytes/str, or an object with ``model_dump``)."""
+        key = self._key
+        if key is not None and not self.closed:  # the hot path: no list, no id lookup
+            value = to_value(chunk)
+            seq = self.count
+            self.count = seq + 1
             self._pub.stats.chunks += 1
-            headers = [(HEADER_SEQ, str(seq).encode()), *self._static]
-            await self._pub._put(key, value, headers, seq)
+            await self._pub._put(key, value, [(HEADER_SEQ, str(seq).encode()), *self._static], seq)
+            return
+        for record in self._records(chunk):
+            self._pub.stats.chunks += 1
+            await self._pub._put(*record)
+
+    async def close(self, reason: EndReason | None = None) -> None:
+        """Send the end-of-stream marker (once). Default reason: done / closed."""
+        if self.closed:
+            return
+        records = self._end_records(reason)
+        pub = self._pub
+        pub.stats.streams += 1
+        for record in records:
+            if record[3] is not None:
+                pub.stats.chunks += 1
+            await pub._put(*record)
 
     async def __aenter__(self) -> Self:
         return self

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
 from processor.core._merge import ChoiceState, normalize_finish_reason, snake_keys
 from topics._chunk import ChatCompletionChunk, ChunkUsage
 from topics._response import ChatCompletion, Status
@@ -71,10 +73,12 @@ class Assembler:
         "_created",
         "_error",
         "_extra",
+        "_groq_usage",
         "_id",
         "_model",
         "_pending",
         "_seen_seqs",
+        "_sequenced",
         "_top",
         "_usage",
         "byte_size",
@@ -92,8 +96,10 @@ class Assembler:
         self._error: dict[str, Any] | None = None
         self._choices: dict[float, ChoiceState] = {}
         self._usage = _Usage()
+        self._groq_usage: _Usage | None = None  # x_groq.usage: used when no usage came
         self._pending: dict[int, ChatCompletionChunk] = {}
         self._seen_seqs: set[int] = set()
+        self._sequenced = False
         self.next_seq = 0
         self.chunk_count = 0
         self.duplicates_dropped = 0
@@ -106,6 +112,7 @@ class Assembler:
         ``size`` is the chunk's raw byte size, summed into :attr:`byte_size` for limits.
         """
         if seq is not None:
+            self._sequenced = True
             if seq < self.next_seq or seq in self._pending:
                 self.duplicates_dropped += 1
                 return False
@@ -156,6 +163,27 @@ class Assembler:
             for key, value in extra.items():
                 if key not in _PADDING and value is not None:
                     self._extra[key] = value
+            groq = extra.get("x_groq")
+            if isinstance(groq, dict) and isinstance(groq.get("usage"), dict):
+                self._apply_groq_usage(groq["usage"])
+
+    def _apply_groq_usage(self, raw: dict[str, Any]) -> None:
+        """Older Groq models report usage only as ``x_groq.usage`` (with Groq's timings:
+        ``queue_time``, ``total_time`` ...). It is the usage when the stream has no
+        top-level ``usage``; a top-level one always wins. Unreadable -> kept as an extra."""
+        try:
+            usage = ChunkUsage.model_validate(raw)
+        except ValidationError:
+            return
+        if self._groq_usage is None:
+            self._groq_usage = _Usage()
+        self._groq_usage.apply(usage)
+
+    @property
+    def _effective_usage(self) -> _Usage:
+        if not self._usage.seen and self._groq_usage is not None:
+            return self._groq_usage
+        return self._usage
 
     # -- state for completion detection -------------------------------------------------
     @property
@@ -169,7 +197,7 @@ class Assembler:
 
     @property
     def usage_reported(self) -> bool:
-        return self._usage.seen
+        return self._usage.seen or self._groq_usage is not None
 
     @property
     def has_error(self) -> bool:
@@ -188,28 +216,58 @@ class Assembler:
             return 0
         return max(self._pending) + 1 - self.next_seq - len(self._pending)
 
+    def missing_below(self, count: int) -> int:
+        """How many of the chunks ``0 .. count-1`` (an end marker's count) never arrived.
+
+        Counts the gaps inside the sequence *and* the chunks missing after the highest one
+        seen (a stream whose last chunks were lost, or were not chunks at all). For a
+        stream without sequence numbers: how many fewer chunks than ``count`` arrived.
+        """
+        if not self._sequenced:
+            return max(count - self.chunk_count, 0)
+        if count <= self.next_seq:
+            return 0
+        arrived = sum(1 for s in self._pending if s < count) if self._pending else 0
+        return count - self.next_seq - arrived
+
     def has_all_seqs_below(self, n: int) -> bool:
         """True when every sequence number ``0 .. n-1`` has been applied."""
         return self.next_seq >= n
 
     # -- output -----------------------------------------------------------------------
-    def snapshot(self) -> ChatCompletion:
+    def snapshot(self, *, expected: int | None = None) -> ChatCompletion:
         """The response as it stands; the assembler keeps accepting chunks."""
-        return self._build(None, None, drain=False)
+        return self._build(None, None, drain=False, expected=expected)
 
-    def finish(self, *, status: Status | None = None, reason: str | None = None) -> ChatCompletion:
+    def finish(
+        self,
+        *,
+        status: Status | None = None,
+        reason: str | None = None,
+        expected: int | None = None,
+    ) -> ChatCompletion:
         """The final response. Out-of-order chunks still waiting are applied in sequence
-        order; a gap in the sequence makes the response ``incomplete``."""
-        return self._build(status, reason, drain=True)
+        order; a gap in the sequence makes the response ``incomplete``.
 
-    def _build(self, status: Status | None, reason: str | None, *, drain: bool) -> ChatCompletion:
+        ``expected`` is the stream's chunk count when known (the end-of-stream marker's
+        ``cs-end``): ``missing_chunks`` then also counts chunks lost after the last one
+        that arrived, as the idle-timeout reason does (:meth:`missing_below`).
+        """
+        return self._build(status, reason, drain=True, expected=expected)
+
+    def _build(
+        self, status: Status | None, reason: str | None, *, drain: bool, expected: int | None
+    ) -> ChatCompletion:
         missing = self.missing_chunks
+        if expected is not None:
+            missing = max(missing, self.missing_below(expected))
         if drain and self._pending:
             for seq in sorted(self._pending):
                 self._apply(self._pending[seq])
             self.next_seq = max(self._pending) + 1
             self._pending.clear()
         auto_status, auto_reason = self._status(missing)
+        usage = self._effective_usage
         if status is None:
             status, reason = auto_status, reason or auto_reason
         elif reason is None and status == auto_status:
@@ -221,7 +279,7 @@ class Assembler:
             "created": self._created or 0,
             "model": self._model or "",
             "choices": [self._choices[i].choice() for i in sorted(self._choices)],
-            "usage": self._usage.to_dict() if self._usage.seen else None,
+            "usage": usage.to_dict() if usage.seen else None,
             **self._top,
             "error": self._error,
             "chunkstitch": {
@@ -230,7 +288,7 @@ class Assembler:
                 "chunk_count": self.chunk_count,
                 "duplicates_dropped": self.duplicates_dropped,
                 "missing_chunks": missing,
-                "usage_reported": self._usage.seen,
+                "usage_reported": usage.seen,
             },
         }
         return ChatCompletion.model_validate(body)

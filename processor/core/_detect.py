@@ -82,9 +82,8 @@ def decide(
     if now - clock.last_chunk_at >= policy.idle_timeout_s:
         missing = ""
         if clock.end_count is not None:
-            missing = (
-                f"; {clock.end_count - asm.next_seq} of {clock.end_count} chunks never arrived"
-            )
+            lost = asm.missing_below(clock.end_count)
+            missing = f"; {lost} of {clock.end_count} chunks never arrived"
         return Decision(
             "incomplete", f"no chunk for {policy.idle_timeout_s:g}s (idle timeout){missing}", "idle"
         )

@@ -469,7 +469,9 @@ class Stitcher:
             decision = self._decide_by_event_time(stream, event_now_s)
         if decision is None:
             return
-        response = stream.asm.finish(status=decision.status, reason=decision.reason)
+        response = stream.asm.finish(
+            status=decision.status, reason=decision.reason, expected=stream.clock.end_count
+        )
         meta = response.chunkstitch
         meta.tenant = stream.tenant
         meta.provider = stream.provider or response.provider

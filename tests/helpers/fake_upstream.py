@@ -58,7 +58,10 @@ def fake_chunks(
 def fake_upstream_app() -> Starlette:
     """POST /v1/chat/completions: echoes the last user message word by word as SSE.
 
-    A message starting with ``hang`` stalls after two chunks.
+    Like OpenAI: the usage-only chunk is sent only when the request sets
+    ``stream_options.include_usage``; every response carries an ``x-request-id``
+    header (``req-<n>``) and ``openai-processing-ms``. A message starting with ``hang``
+    stalls after two chunks.
     """
     seen: list[dict[str, Any]] = []
 
@@ -66,10 +69,15 @@ def fake_upstream_app() -> Starlette:
         payload = await request.json()
         seen.append(payload)
         text = str(payload["messages"][-1]["content"])
-        cid = f"chatcmpl-fake-{next(_ids)}"
-        chunks = fake_chunks(cid, text.split())
+        n = next(_ids)
+        cid = f"chatcmpl-fake-{n}"
+        usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+        chunks = fake_chunks(cid, text.split(), usage=usage)
+        headers = {"x-request-id": f"req-{n}", "openai-processing-ms": "7"}
         if not payload.get("stream"):
-            return JSONResponse({"id": cid, "object": "chat.completion", "choices": []})
+            return JSONResponse(
+                {"id": cid, "object": "chat.completion", "choices": []}, headers=headers
+            )
 
         hang = text.startswith("hang")  # stall after two chunks (client-disconnect tests)
 
@@ -85,7 +93,7 @@ def fake_upstream_app() -> Starlette:
                 yield raw[len(raw) // 2 :]
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
 
     app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
     app.state.seen = seen

@@ -265,28 +265,48 @@ async def test_example_gateway_streams_unchanged_and_publishes_every_chunk(broke
                 "POST", "/v1/chat/completions", json=request, headers={"X-Tenant": "gw"}
             ) as response:
                 assert response.status_code == 200
+                returned = response.headers
                 async for piece in response.aiter_bytes():
                     via_gateway += piece
             async with httpx.AsyncClient(timeout=30) as direct:
                 direct_body = (
                     await direct.post(upstream_url + "/v1/chat/completions", json=request)
                 ).content
-    # The client of the gateway saw exactly what the upstream sent (ids differ per call).
+            # a client that asks for usage itself gets the usage chunk
+            asked = {**request, "stream_options": {"include_usage": True}}
+            with_usage = (await client.post("/v1/chat/completions", json=asked)).content
+            metrics = (await client.get("/metrics")).text
+    # The upstream's response headers reach the client.
+    n = via_gateway.split(b"chatcmpl-fake-", 1)[1].split(b'"', 1)[0].decode()
+    assert returned["x-request-id"] == f"req-{n}"  # the upstream's, for this request
+    assert returned["openai-processing-ms"] == "7"
+    # The gateway asked the upstream for usage, the client did not: the usage-only chunk
+    # is published but not forwarded, so the client saw exactly what the upstream sends
+    # without include_usage (ids differ per call).
+    assert upstream.state.seen[0]["stream_options"] == {"include_usage": True}
+    assert "stream_options" not in upstream.state.seen[1]
     assert via_gateway.replace(b"fake-1", b"fake-X") == direct_body.replace(b"fake-2", b"fake-X")
+    assert b'"usage"' not in via_gateway
+    assert b'"usage": {"prompt_tokens"' in with_usage
+    assert "chunkstitch_publisher_failed_total" in metrics
 
     sent = [json.loads(line[6:]) for line in via_gateway.split(b"\n\n") if line[6:7] == b"{"]
-    grouped = _by_key(await _read_all(settings, len(sent) + 1))
+    records = await _read_all(settings, len(sent) + 1 + len(sent) + 2)
+    grouped = _by_key(records)
     cid = sent[-1]["id"].encode()
-    assert set(grouped) == {cid}
     *chunks, end = grouped[cid]
-    assert [json.loads(v) for _, v, _ in chunks] == sent
+    *published, usage_chunk = [json.loads(v) for _, v, _ in chunks]
+    assert published == sent
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"]["completion_tokens"] == 4
     assert end[2].end_reason == "done"
-    assert end[2].end_count == len(sent)
+    assert end[2].end_count == len(sent) + 1
     assert all(m.tenant == "gw" and m.provider == "fake" for _, _, m in grouped[cid])
     assert all(m.started_at_ms is not None for _, _, m in grouped[cid])
     (response,) = assemble_many(parse_chunk(v) for _, v, _ in chunks)
     assert response.choices[0].message.content == "the quick brown fox"
     assert response.chunkstitch.status == "complete"
+    assert response.chunkstitch.usage_reported is True
 
 
 def _oversize(cid: str) -> dict[str, Any]:

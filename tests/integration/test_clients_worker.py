@@ -228,7 +228,53 @@ async def test_example_gateway_to_worker_to_consumer(worker_env: dict[str, str])
     cid = received[-1]["id"]
     got = await asyncio.wait_for(_collect(settings, {cid}), 120)
     (local,) = assemble_many(parse_chunk(c) for c in received)
+    # the gateway asked the upstream for usage (the client did not, so it never saw the
+    # usage-only chunk): the worker's response has it, the rest is what the client got
+    assert got[cid].usage is not None
+    assert got[cid].usage.completion_tokens == 4  # "through the whole pipeline"
+    assert got[cid].chunkstitch.usage_reported is True
+    assert local.usage is None
+    got[cid].usage = None
+    got[cid].chunkstitch.chunk_count -= 1
     _same_content(got[cid], local)
     assert got[cid].choices[0].message.content == "through the whole pipeline"
     assert got[cid].chunkstitch.tenant == "gw"
     assert got[cid].chunkstitch.provider == "fake"
+
+
+async def test_tee_chunks_of_aiter_sse_data_ends_at_done_and_wait_for_gets_it(
+    worker_env: dict[str, str],
+) -> None:
+    """Issue 15: httpx-sse ``aiter_sse()`` data strings teed with ``tee_chunks`` published
+    "[DONE]" as a chunk, and the completion came out incomplete after the idle timeout.
+    Now the end marker follows [DONE] at once and the response is complete; a caller
+    that waits for the id from before the stream starts gets it (ResponseWaiter)."""
+    import httpx
+    from httpx_sse import aconnect_sse
+
+    from processor.clients import ResponseWaiter, tee_chunks
+    from tests.helpers.fake_upstream import fake_upstream_app, running_server
+
+    settings = _settings(worker_env)
+    request = {"model": "m", "stream": True, "messages": [{"content": "done means done"}]}
+    async with (
+        running_server(fake_upstream_app()) as upstream_url,
+        Publisher(settings) as publisher,
+        ResponseWaiter(settings) as waiter,
+        httpx.AsyncClient(timeout=30) as client,
+        aconnect_sse(client, "POST", upstream_url + "/v1/chat/completions", json=request) as src,
+    ):
+        stream = publisher.stream(tenant="sse")
+        data = []
+        wait: asyncio.Task[ChatCompletion] | None = None
+        async for item in tee_chunks((e.data async for e in src.aiter_sse()), stream):
+            data.append(item)
+            if wait is None and stream.completion_id:  # known from the first real chunk
+                wait = asyncio.create_task(waiter.wait_for(stream.completion_id, timeout=60))
+        assert wait is not None
+        response = await wait
+    assert data[-1] == "[DONE]"
+    meta = response.chunkstitch
+    assert (meta.status, meta.missing_chunks, meta.reason) == ("complete", 0, None)
+    assert meta.chunk_count == len(data) - 1
+    assert response.choices[0].message.content == "done means done"

@@ -296,3 +296,81 @@ async def test_request_started_at_accepts_a_datetime() -> None:
     async with pub.stream(request_started_at=started) as s:
         await s.send(_chunk("d1"))
     assert decode_headers(pub.records[0][2]).started_at_ms == int(started.timestamp() * 1000)
+
+
+async def test_tee_chunks_of_sse_data_strings_ends_at_done_and_skips_keep_alives() -> None:
+    """Issue 15: httpx-sse's ``aiter_sse()`` data strings passed to tee_chunks published
+    "[DONE]" as a chunk (a not_json dead letter, and the worker waited for it)."""
+    data = [json.dumps(_chunk("d1", w)) for w in ("a", "b")]
+    items = ["", data[0], "  ", data[1], json.dumps(_chunk("d1", finish="stop")), "[DONE]"]
+
+    async def source() -> AsyncIterator[str]:
+        for item in items:
+            yield item
+
+    pub = RecordingPublisher()
+    out = [x async for x in tee_chunks(source(), pub.stream())]
+    assert out == items  # passed through unchanged, sentinel and keep-alives included
+    *chunks, end = pub.records
+    assert [json.loads(v) for _, v, _ in chunks] == [json.loads(x) for x in items[1:5] if x.strip()]
+    meta = decode_headers(end[2])
+    assert (meta.end_reason, meta.end_count) == ("done", 3)
+
+
+async def test_tee_chunks_sends_the_end_marker_at_done_not_when_the_connection_closes() -> None:
+    class Event:  # the shape of httpx_sse.ServerSentEvent
+        def __init__(self, data: str) -> None:
+            self.event, self.data, self.id, self.retry = "message", data, "", None
+
+    pub = RecordingPublisher()
+    after_done: list[int] = []
+
+    async def source() -> AsyncIterator[Event]:
+        yield Event(json.dumps(_chunk("e1", "x", finish="stop")))
+        yield Event("[DONE]")
+        after_done.append(len(pub.records))  # the upstream keeps the connection open
+        yield Event(json.dumps(_chunk("e1", "late")))
+
+    out = [e async for e in tee_chunks(source(), pub.stream())]
+    assert len(out) == 3
+    assert after_done == [2]  # chunk + end marker already published
+    assert len(pub.records) == 2  # data after [DONE] is passed through, not published
+    assert decode_headers(pub.records[-1][2]).end_reason == "done"
+
+
+# --- the example gateway's usage handling -------------------------------------------------
+
+
+def test_gateway_asks_for_usage_only_when_the_client_did_not_say() -> None:
+    from examples.gateway import _ask_for_usage
+
+    body, strip = _ask_for_usage(b'{"stream": true, "messages": []}')
+    assert strip is True
+    assert json.loads(body)["stream_options"] == {"include_usage": True}
+    for unchanged in (
+        b'{"stream": true, "stream_options": {"include_usage": false}}',  # the client said
+        b'{"stream": true, "stream_options": {"include_usage": true}}',
+        b'{"stream": false}',
+        b"not json",
+    ):
+        assert _ask_for_usage(unchanged) == (unchanged, False)
+
+
+async def test_gateway_drops_only_the_usage_only_event_wherever_the_bytes_are_cut() -> None:
+    from examples.gateway import _without_usage_chunk
+
+    events = [
+        b": keep-alive\n\n",
+        b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"a"}}],"usage":null}\n\n',
+        b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":1}}\r\n\r\n',
+        b"data: [DONE]\n\n",
+    ]
+    wire = b"".join(events)
+    for size in (1, 5, 17, len(wire)):
+
+        async def source(n: int = size) -> AsyncIterator[bytes]:
+            for i in range(0, len(wire), n):
+                yield wire[i : i + n]
+
+        out = b"".join([piece async for piece in _without_usage_chunk(source())])
+        assert out == events[0] + events[1] + events[3]

@@ -264,3 +264,54 @@ async def test_a_dead_letter_keeps_at_most_the_value_limit_and_says_so() -> None
     assert body["value_size"] == len(big)
     assert body["value_truncated"] is True
     assert len(base64.b64decode(body["value_b64"])) == DEADLETTER_VALUE_MAX
+
+
+async def test_keyed_stream_is_one_completion_whatever_its_chunks_ids_say() -> None:
+    """Groq compound models give every chunk of one answer a new ``id`` (the last one
+    "stub"). In the worker the record key is the stream's identity: one completion."""
+    stitcher, send, _, acked = _setup()
+    pieces = ["Search", "ing", " done", "."]
+    for seq, piece in enumerate(pieces):
+        value = json.loads(_chunk(piece))
+        value["id"] = f"chatcmpl-{seq}-{piece}"  # a new id on every chunk
+        await stitcher.handle(
+            _rec(seq, b"groq-stream", json.dumps(value).encode(), RecordMeta(seq=seq)),
+            lambda s=seq: acked.append(s),
+        )
+    last = json.loads(_chunk("", "stop"))
+    last["id"] = "stub"
+    n = len(pieces)
+    await stitcher.handle(
+        _rec(n, b"groq-stream", json.dumps(last).encode(), RecordMeta(seq=n)), lambda: None
+    )
+    await stitcher.handle(
+        _rec(n + 1, b"groq-stream", b"", RecordMeta(end_count=n + 1, end_reason="done")),
+        lambda: None,
+    )
+    await stitcher.flush()
+    await stitcher.drain()
+    ((key, value, _),) = send.on(stitcher.settings.topic_responses)
+    body = json.loads(value or b"")
+    assert key == b"groq-stream"
+    assert body["id"] == "groq-stream"
+    assert body["choices"][0]["message"]["content"] == "Searching done."
+    assert body["chunkstitch"]["status"] == "complete"
+    assert body["chunkstitch"]["chunk_count"] == n + 1
+
+
+async def test_idle_reason_and_missing_chunks_agree_when_the_last_chunk_never_came() -> None:
+    """Issue 15: "1 of 21 chunks never arrived" while missing_chunks said 0."""
+    stitcher, send, now, _ = _setup()
+    for seq in range(20):
+        await stitcher.handle(_rec(seq, b"c1", _chunk("x"), RecordMeta(seq=seq)), lambda: None)
+    await stitcher.handle(
+        _rec(20, b"c1", b"", RecordMeta(end_count=21, end_reason="done")), lambda: None
+    )
+    now[0] += stitcher.settings.idle_timeout_s + 1
+    stitcher.tick()
+    await stitcher.flush()
+    await stitcher.drain()
+    ((_, value, _),) = send.on(stitcher.settings.topic_responses)
+    meta = json.loads(value or b"")["chunkstitch"]
+    assert "1 of 21 chunks never arrived" in meta["reason"]
+    assert meta["missing_chunks"] == 1

@@ -47,3 +47,28 @@ def test_split_anywhere_gives_the_same_payloads(cuts: list[int]) -> None:
     points = sorted(set(cuts))
     parts = [SSE[a:b] for a, b in zip([0, *points], [*points, len(SSE)], strict=True)]
     assert _all(parts) == _all([SSE])
+
+
+def _all_chunks(parts: list[bytes]) -> list[Payload]:
+    dec = ChunkLineDecoder()
+    out: list[Payload] = []
+    for part in [*(dec.decode_chunks(p) for p in parts), dec.flush_chunks()]:
+        out.extend(x if isinstance(x, Payload) else Payload(x[0], x[1]) for x in part)
+    return out
+
+
+JSONL = b'{"id":"a"}\n  {"id":"b"}  \r\n\n{"id":"c"}\r\n' + SSE + b'{"id":"d"}'
+
+
+@given(cuts=st.lists(st.integers(0, len(JSONL)), max_size=12))
+def test_fast_path_gives_the_same_payloads_as_decode(cuts: list[int]) -> None:
+    """decode_chunks (the assembler's fast path: no Payload per chunk line) and decode
+    agree on every line, wherever the input is cut."""
+    points = sorted(set(cuts))
+    parts = [JSONL[a:b] for a, b in zip([0, *points], [*points, len(JSONL)], strict=True)]
+    assert _all_chunks(parts) == _all([JSONL])
+    assert [p.data for p in _all([JSONL]) if not p.done and p.error is None][:3] == [
+        b'{"id":"a"}',
+        b'{"id":"b"}',
+        b'{"id":"c"}',
+    ]

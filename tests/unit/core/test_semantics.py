@@ -351,6 +351,60 @@ def test_semantics_11_no_usage_reported_plainly() -> None:
     assert resp.chunkstitch.usage_reported is False
 
 
+def _groq(usage: dict[str, object]) -> dict[str, object]:
+    return {"id": "req_01", "usage": usage}
+
+
+GROQ_USAGE = {
+    "queue_time": 0.017,
+    "prompt_tokens": 12,
+    "prompt_time": 0.0015,
+    "completion_tokens": 22,
+    "completion_time": 0.018,
+    "total_tokens": 34,
+    "total_time": 0.0196,
+}
+
+
+def test_semantics_11_groq_x_groq_usage_is_the_usage_when_no_top_level_usage() -> None:
+    """Older Groq models report usage only under ``x_groq.usage``: it is counted."""
+    resp = run(
+        chunk("c1", delta(role="assistant", content="hi"), x_groq={"id": "req_01"}),
+        chunk("c1", delta(finish="stop"), x_groq=_groq(GROQ_USAGE)),
+    )
+    assert resp.chunkstitch.usage_reported is True
+    assert resp.usage is not None
+    usage = resp.usage.model_dump()
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (
+        12,
+        22,
+        34,
+    )
+    assert usage["queue_time"] == 0.017  # Groq's timings kept as provider extras
+    assert json.loads(resp.to_json())["x_groq"]["id"] == "req_01"  # the extra stays too
+
+
+def test_semantics_11_top_level_usage_wins_over_x_groq_usage() -> None:
+    resp = run(
+        chunk("c1", delta(content="hi"), x_groq=_groq(GROQ_USAGE)),
+        chunk(
+            "c1",
+            delta(finish="stop"),
+            usage={"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11},
+        ),
+    )
+    assert resp.usage is not None
+    assert resp.usage.total_tokens == 11
+    assert "queue_time" not in resp.usage.model_dump()
+
+
+def test_semantics_11_unreadable_x_groq_usage_is_only_kept_as_an_extra() -> None:
+    resp = run(chunk("c1", delta(finish="stop"), x_groq=_groq({"prompt_tokens": "many"})))
+    assert resp.usage is None
+    assert resp.chunkstitch.usage_reported is False
+    assert json.loads(resp.to_json())["x_groq"]["usage"] == {"prompt_tokens": "many"}
+
+
 # 12. Finish.
 def test_semantics_12_finish_reason_normalized_raw_kept() -> None:
     resp = run(chunk("c1", delta(content="x", finish="model_length")))
@@ -499,6 +553,38 @@ def test_semantics_15_gap_in_sequence_is_incomplete() -> None:
     assert resp.chunkstitch.missing_chunks == 1
 
 
+def test_semantics_15_chunks_lost_after_the_last_one_count_as_missing() -> None:
+    """Issue 15: a stream of 21 chunks whose last one never arrived (the gateway published
+    "[DONE]" as seq 20: a dead letter). The idle-timeout reason said "1 of 21 chunks never
+    arrived" while missing_chunks said 0: the count only saw gaps *below* the highest seq
+    that arrived. With the end marker's count both say the same."""
+    from processor.core import DetectionPolicy, StreamClock, decide
+
+    asm = Assembler()
+    for seq in range(20):
+        asm.add(parse_chunk(chunk("c1", delta(content="x"))), seq=seq)
+    clock = StreamClock(opened_at=0, last_chunk_at=0, end_count=21, sequenced=True)
+    decision = decide(asm, clock, 31.0, DetectionPolicy(idle_timeout_s=30))
+    assert decision is not None
+    assert "1 of 21 chunks never arrived" in (decision.reason or "")
+    assert asm.missing_below(21) == 1
+    resp = asm.finish(status=decision.status, reason=decision.reason, expected=21)
+    assert resp.chunkstitch.missing_chunks == 1
+    assert resp.chunkstitch.status == "incomplete"
+
+
+def test_semantics_15_missing_below_counts_gaps_and_tail_once() -> None:
+    asm = Assembler()
+    for seq in (0, 1, 3):  # 2 is a gap, 4 is lost at the tail
+        asm.add(parse_chunk(chunk("c1", delta(content="x"))), seq=seq)
+    assert asm.missing_chunks == 1  # without the end marker only the gap is known
+    assert asm.missing_below(5) == 2
+    assert asm.finish(expected=5).chunkstitch.missing_chunks == 2
+    unsequenced = Assembler()
+    unsequenced.add(parse_chunk(chunk("c1", delta(content="x"))))
+    assert unsequenced.missing_below(3) == 2
+
+
 # 16. OpenAI validation and chunkstitch metadata.
 def test_semantics_16_validates_as_openai_chat_completion() -> None:
     from openai.types.chat import ChatCompletion as OpenAIChatCompletion
@@ -535,6 +621,28 @@ def test_semantics_16_validates_as_openai_chat_completion() -> None:
         "missing_chunks": 0,
         "usage_reported": True,
     }
+
+
+def test_semantics_16_no_null_keys_that_say_nothing() -> None:
+    """Issue 15: responses carried "error": null and "provider": null. chunkstitch's own
+    optional fields are left out when null in every serialization; the response still
+    validates as OpenAI's ChatCompletion from model_dump_json() too."""
+    from openai.types.chat import ChatCompletion as OpenAIChatCompletion
+
+    resp = run(chunk("c1", delta(role="assistant", content="Hi", finish="stop"), model="m"))
+    for body in (json.loads(resp.model_dump_json()), resp.model_dump(), json.loads(resp.to_json())):
+        assert "error" not in body
+        assert "provider" not in body
+        assert "reason" not in body["chunkstitch"]
+        assert "tenant" not in body["chunkstitch"]
+        assert "raw_finish_reason" not in body["choices"][0]
+        assert "reasoning" not in body["choices"][0]["message"]
+    parsed = OpenAIChatCompletion.model_validate_json(resp.model_dump_json())
+    assert parsed.choices[0].message.content == "Hi"
+    errored = run(chunk("c1", delta(content="x"), error={"message": "boom"}, provider="Groq"))
+    body = json.loads(errored.model_dump_json())
+    assert body["error"] == {"message": "boom"}
+    assert body["provider"] == "Groq"
 
 
 @pytest.mark.parametrize(
