@@ -81,19 +81,53 @@ async def _start_offsets(
 ) -> dict[TopicPartition, int]:
     begin = await consumer.beginning_offsets(tps)
     end = await consumer.end_offsets(tps)  # may be short of the true end (embedded broker)
-    answers = await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
+    # One fetch over every partition from its beginning: its high watermarks are the true
+    # ends, and a partition that is empty, or whose first record is already recent enough
+    # (the usual case for a young ledger), needs nothing more.
+    first = await _first_timestamps(consumer, tps, begin)
     starts: dict[TopicPartition, int] = {}
+    todo = []
     for tp in tps:
-        lo = begin[tp]
-        await _timestamp_at(consumer, tp, lo)  # one fetch: its high watermark is the true end
-        hi = max(end[tp], lo, consumer.highwater(tp) or 0)
-        answer = answers.get(tp)
-        guess = answer.offset if answer is not None else hi
-        if await _is_first_at_or_after(consumer, tp, guess, since_ms, lo, hi):
-            starts[tp] = guess
+        hi = max(end[tp], begin[tp], consumer.highwater(tp) or 0)
+        ts = first.get(tp)
+        if hi <= begin[tp] or (ts is not None and ts >= since_ms):
+            starts[tp] = begin[tp]
         else:
-            starts[tp] = await _bisect(consumer, tp, since_ms, lo, hi)
+            todo.append((tp, hi))
+    if todo:
+        answers = await consumer.offsets_for_times({tp: since_ms for tp, _ in todo})
+        for tp, hi in todo:
+            lo = begin[tp]
+            answer = answers.get(tp)
+            guess = answer.offset if answer is not None else hi
+            if await _is_first_at_or_after(consumer, tp, guess, since_ms, lo, hi):
+                starts[tp] = guess
+            else:
+                starts[tp] = await _bisect(consumer, tp, since_ms, lo, hi)
     return starts
+
+
+async def _first_timestamps(
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition], begin: dict[TopicPartition, int]
+) -> dict[TopicPartition, int]:
+    """Timestamp of each partition's first record (absent: empty), in one fetch round."""
+    for tp in tps:
+        consumer.seek(tp, begin[tp])
+    out: dict[TopicPartition, int] = {}
+    pending = set(tps)
+    for _ in range(10):
+        batch = await consumer.getmany(*pending, timeout_ms=200, max_records=len(tps))
+        for tp, recs in batch.items():
+            if recs:
+                out[tp] = int(recs[0].timestamp)
+                pending.discard(tp)
+        for tp in list(pending):
+            highwater = consumer.highwater(tp)
+            if highwater is not None and highwater <= begin[tp]:
+                pending.discard(tp)  # empty
+        if not pending:
+            break
+    return out
 
 
 async def _timestamp_at(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> int | None:
