@@ -9,6 +9,7 @@ __all__ = [
     "COMPLETIONS",
     "DEAD_LETTERS",
     "DURATION",
+    "HEADERS_IGNORED",
     "IN_FLIGHT",
     "LAG",
     "OVERSIZE_RESPONSES",
@@ -44,6 +45,14 @@ REPLAY_SKIPPED = Counter(
 OVERSIZE_RESPONSES = Counter(
     "chunkstitch_oversize_responses",
     "Responses over max_response_bytes, emitted as errors without their message bodies.",
+    registry=REGISTRY,
+)
+# Input robustness (issue 12): headers outside their plausible range.
+HEADERS_IGNORED = Counter(
+    "chunkstitch_headers_ignored",
+    "Records whose chunkstitch header was ignored as implausible, by header "
+    "(cs-started-at before 2000 or more than a day ahead of the record's timestamp).",
+    ["header"],
     registry=REGISTRY,
 )
 IN_FLIGHT = Gauge(

@@ -8,12 +8,16 @@ and keeps fields it does not know (``extra="allow"``): nothing is dropped by val
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Annotated, Any, TypedDict
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
 
 __all__ = [
+    "MAX_CHOICE_INDEX",
+    "MAX_COST_USD",
+    "MAX_COUNT",
     "AudioDelta",
     "ChatCompletionChunk",
     "ChunkChoice",
@@ -25,9 +29,30 @@ __all__ = [
 ]
 
 
-Int = int | float
-"""Provider SDK examples send ``index: 7881.03`` and ``created: 6771.54``; the assembler
-truncates such floats (a validator here would cost a Python call per field per chunk)."""
+MAX_CHOICE_INDEX = 2**31 - 1
+"""Largest choice ``index`` accepted: a signed 32-bit integer, what typed consumers hold."""
+MAX_COUNT = 2**53 - 1
+"""Largest token count or ``created`` / ``expires_at`` time accepted: the largest integer
+every JSON reader (JavaScript's doubles included) holds exactly."""
+MAX_COST_USD = 1e9
+"""Largest usage ``cost`` (USD) accepted; the usage fold keeps it in nano-USD integers."""
+
+
+# Finite numbers in 0 .. a bound, int or float. Provider SDK examples send
+# ``index: 7881.03`` and ``created: 6771.54``; the assembler truncates such floats. The
+# bounds are pydantic-core constraints on each member (checked in Rust, no Python call per
+# field per chunk): non-finite (``1e999``, ``NaN``, ``Infinity``), negative and huge values
+# are rejected at validation, naming the field.
+Index = (
+    Annotated[int, Field(ge=0, le=MAX_CHOICE_INDEX)]
+    | Annotated[float, Field(ge=0, le=MAX_CHOICE_INDEX, allow_inf_nan=False)]
+)
+Time = (
+    Annotated[int, Field(ge=0, le=MAX_COUNT)]
+    | Annotated[float, Field(ge=0, le=MAX_COUNT, allow_inf_nan=False)]
+)
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+"""A token count: an integer (``5.0`` is accepted as 5) in ``0 .. MAX_COUNT``."""
 
 
 def _either(name: str) -> Any:
@@ -71,7 +96,7 @@ class AudioDelta(_Wire):
     id: str | None = None
     data: str | None = None
     transcript: str | None = None
-    expires_at: int | None = _either("expires_at")
+    expires_at: Count | None = _either("expires_at")
 
 
 class ChunkDelta(_Wire):
@@ -98,7 +123,7 @@ class ChunkLogprobs(_Wire):
 class ChunkChoice(_Wire):
     """One choice of a chunk. ``delta`` may be missing or null (Azure, some proxies)."""
 
-    index: Int = 0
+    index: Index = 0
     delta: ChunkDelta | None = None
     finish_reason: str | None = _either("finish_reason")
     native_finish_reason: str | None = _either("native_finish_reason")
@@ -108,11 +133,46 @@ class ChunkChoice(_Wire):
 class ChunkUsage(_Wire):
     """Token usage as reported by the provider (details and provider extras kept)."""
 
-    prompt_tokens: int | None = _either("prompt_tokens")
-    completion_tokens: int | None = _either("completion_tokens")
-    total_tokens: int | None = _either("total_tokens")
+    prompt_tokens: Count | None = _either("prompt_tokens")
+    completion_tokens: Count | None = _either("completion_tokens")
+    total_tokens: Count | None = _either("total_tokens")
     prompt_tokens_details: dict[str, Any] | None = _either("prompt_tokens_details")
     completion_tokens_details: dict[str, Any] | None = _either("completion_tokens_details")
+
+    @model_validator(mode="after")
+    def _known_numbers(self) -> ChunkUsage:
+        """The numbers inside usage that the usage fold reads (``cost``, ``cached_tokens``,
+        ``reasoning_tokens``) are range-checked like the token counts. Python, but only
+        for chunks that carry usage (about one per stream)."""
+        extra = self.__pydantic_extra__
+        if extra and "cost" in extra:
+            _check_number("cost", extra["cost"], MAX_COST_USD)
+        for name, details, keys in (
+            ("prompt_tokens_details", self.prompt_tokens_details, _CACHED),
+            ("completion_tokens_details", self.completion_tokens_details, _REASONING),
+        ):
+            if details:
+                for key in keys:
+                    if key in details:
+                        _check_number(f"{name}.{key}", details[key], MAX_COUNT)
+        return self
+
+
+_CACHED = ("cached_tokens", "cachedTokens")
+_REASONING = ("reasoning_tokens", "reasoningTokens")
+
+
+def _check_number(field: str, value: Any, limit: float) -> None:
+    """A known number, when it is a number, must be finite and in ``0 .. limit`` (other
+    types are kept as they are and ignored by the fold)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if not 0 <= value <= limit:  # also False for NaN and the infinities
+        raise PydanticCustomError(
+            "out_of_range",
+            "must be a finite number from 0 to {limit}, got {value}",
+            {"field": field, "limit": f"{limit:.0f}", "value": repr(value)[:40]},
+        )
 
 
 class ChatCompletionChunk(_Wire):
@@ -121,7 +181,7 @@ class ChatCompletionChunk(_Wire):
 
     id: str | None = None
     object: str | None = None
-    created: Int | None = None
+    created: Time | None = None
     model: str | None = None
     choices: list[ChunkChoice] = []
     usage: ChunkUsage | None = None

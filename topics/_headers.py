@@ -24,11 +24,15 @@ __all__ = [
     "HEADER_SEQ",
     "HEADER_STARTED_AT",
     "HEADER_TENANT",
+    "STARTED_AT_EARLIEST_MS",
+    "STARTED_AT_LATEST_MS",
+    "STARTED_AT_MAX_AHEAD_MS",
     "EndReason",
     "HeaderError",
     "RecordMeta",
     "decode_headers",
     "encode_headers",
+    "plausible_started_at",
 ]
 
 HEADER_SEQ = "cs-seq"
@@ -40,7 +44,8 @@ HEADER_END_REASON = "cs-end-reason"
 HEADER_TENANT = "cs-tenant"
 HEADER_PROVIDER = "cs-provider"
 HEADER_STARTED_AT = "cs-started-at"
-"""When the gateway received the request: Unix epoch milliseconds (ASCII decimal)."""
+"""When the gateway received the request: Unix epoch milliseconds (ASCII decimal).
+Range-checked by :func:`plausible_started_at`; an implausible value is ignored."""
 HEADER_REROUTED = "cs-rerouted"
 """Set by the worker when it re-keys a bare (keyless) record: ``topic/partition/offset``."""
 
@@ -139,3 +144,27 @@ def encode_headers(meta: RecordMeta) -> list[tuple[str, bytes]]:
     if meta.rerouted_from is not None:
         out.append((HEADER_REROUTED, meta.rerouted_from.encode()))
     return out
+
+
+STARTED_AT_EARLIEST_MS = 946_684_800_000
+"""2000-01-01T00:00:00Z: an earlier ``cs-started-at`` is not a request start (a clock at
+zero, or seconds sent where milliseconds belong)."""
+STARTED_AT_MAX_AHEAD_MS = 86_400_000
+"""How far (1 day) ``cs-started-at`` may lie ahead of the record's own timestamp: a
+request starts before its chunks are produced; one day leaves room for any clock skew."""
+STARTED_AT_LATEST_MS = 253_402_300_799_999
+"""9999-12-31T23:59:59.999Z, the last instant a datetime holds: the bound when the record
+has no timestamp."""
+
+
+def plausible_started_at(started_ms: int, record_ts_ms: int | None) -> bool:
+    """Whether a ``cs-started-at`` value may be used as the request's start: not before
+    :data:`STARTED_AT_EARLIEST_MS`, and not more than :data:`STARTED_AT_MAX_AHEAD_MS`
+    after the record's own timestamp (without one, not after
+    :data:`STARTED_AT_LATEST_MS`). The worker ignores any other value (counted and logged):
+    it would otherwise become the stream time of the usage fold and make every later
+    completion of the partition late."""
+    latest = STARTED_AT_LATEST_MS
+    if record_ts_ms is not None:
+        latest = min(latest, record_ts_ms + STARTED_AT_MAX_AHEAD_MS)
+    return STARTED_AT_EARLIEST_MS <= started_ms <= latest

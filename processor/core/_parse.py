@@ -7,7 +7,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from topics._chunk import ChatCompletionChunk
+from topics._chunk import (
+    AudioDelta,
+    ChatCompletionChunk,
+    ChunkChoice,
+    ChunkDelta,
+    ChunkLogprobs,
+    ChunkUsage,
+    FunctionDelta,
+)
 
 __all__ = ["ChunkRejected", "is_placeholder", "parse_chunk"]
 
@@ -21,10 +29,34 @@ class ChunkRejected(ValueError):
         self.field = field
 
 
+_FIELD_NAMES: frozenset[str] = frozenset(
+    name
+    for model in (
+        ChatCompletionChunk,
+        ChunkChoice,
+        ChunkDelta,
+        ChunkLogprobs,
+        ChunkUsage,
+        FunctionDelta,
+        AudioDelta,
+    )
+    for field_name, info in model.model_fields.items()
+    for name in (
+        field_name,
+        *(getattr(info.validation_alias, "choices", None) or ()),
+    )
+)
+"""Every known field name (snake_case and camelCase): a part of an error location that is
+not one of them is a union member's tag (``str``, ``constrained-int``), not a field."""
+
+
 def _loc(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _FIELD_NAMES:
+            out += f".{part}" if out else part
     return out
 
 
@@ -32,7 +64,9 @@ def parse_chunk(data: bytes | bytearray | str | dict[str, Any]) -> ChatCompletio
     """Validate one ``chat.completion.chunk`` (JSON bytes/str or a dict).
 
     Rejected (:class:`ChunkRejected`) only when it is not JSON, not an object, has wrongly
-    typed known fields, or has no usable ``id`` and no choices and no usage.
+    typed known fields (a known number that is non-finite, negative or out of range is
+    wrongly typed: reason ``wrong_type``), or has no usable ``id`` and no choices and no
+    usage.
     """
     try:
         if isinstance(data, dict):
@@ -49,8 +83,13 @@ def parse_chunk(data: bytes | bytearray | str | dict[str, Any]) -> ChatCompletio
                 "not_an_object", 'a chunk must be a JSON object like {"id": ..., "choices": [...]}'
             ) from None
         field = _loc(err["loc"])
+        inner = (err.get("ctx") or {}).get("field")
+        if inner:  # a range check of a number inside usage (cost, cached_tokens, ...)
+            field = f"{field}.{inner}"
         raise ChunkRejected(
-            "wrong_type", f"field '{field}' is invalid: {err['msg']}", field
+            "wrong_type",
+            f"field '{field}' is invalid: {err['msg']}; fix the producer of this chunk",
+            field,
         ) from None
     if not chunk.id and not chunk.choices and chunk.usage is None and not is_placeholder(chunk):
         raise ChunkRejected(

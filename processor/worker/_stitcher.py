@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -33,15 +34,21 @@ from processor.settings import Settings
 from processor.worker._ledger import read_ledger
 from topics import (
     DEADLETTER_VALUE_MAX,
+    HEADER_END,
     HEADER_REROUTED,
+    HEADER_SEQ,
+    HEADER_STARTED_AT,
     ChatCompletion,
+    ChunkstitchMeta,
     DeadLetter,
     DeadLetterReason,
     HeaderError,
     RecordMeta,
     SourceRange,
+    Status,
     decode_headers,
 )
+from topics._headers import plausible_started_at
 
 __all__ = ["AckFn", "Lease", "Record", "SendFn", "Stitcher"]
 
@@ -89,6 +96,8 @@ class _Open:
     tenant: str | None = None
     provider: str | None = None
     started_ms: int | None = None
+    started_ignored: bool = False
+    """An implausible ``cs-started-at`` was ignored (logged once per stream)."""
 
 
 @dataclass(slots=True)
@@ -380,6 +389,10 @@ class Stitcher:
             )
             return
         cid = rec.key.decode("utf-8", "replace") if rec.key else None
+        problem = self._header_limits(meta)
+        if problem is not None:
+            self._dead(rec, "bad_header", problem, cid)
+            return
         if meta.is_end_marker and not value:
             self._end_marker(part, rec, meta, cid)
             return
@@ -413,8 +426,8 @@ class Stitcher:
                 rec.timestamp_ms,
                 rec.timestamp_ms,
             )
-        self._note_meta(stream, meta)
-        stream.offsets.append(rec.offset)
+        stream.offsets.append(rec.offset)  # first: a stream in ``open`` always has an offset
+        self._note_meta(stream, meta, rec.timestamp_ms)
         stream.last_ts = rec.timestamp_ms if rec.timestamp_ms is not None else stream.last_ts
         stream.clock.last_chunk_at = now
         if not stream.asm.add(chunk, meta.seq, len(value)):
@@ -424,15 +437,48 @@ class Stitcher:
             stream.finished_ts = rec.timestamp_ms
         self._check(rec.partition, part, stream, now)
 
-    def _note_meta(self, stream: _Open, meta: RecordMeta) -> None:
+    def _note_meta(self, stream: _Open, meta: RecordMeta, record_ts_ms: int | None) -> None:
         if meta.tenant and not stream.tenant:
             stream.tenant = meta.tenant
         if meta.provider and not stream.provider:
             stream.provider = meta.provider
-        if meta.started_at_ms is not None and stream.started_ms is None:
-            stream.started_ms = meta.started_at_ms
+        started = meta.started_at_ms
+        if started is not None and stream.started_ms is None:
+            if plausible_started_at(started, record_ts_ms):
+                stream.started_ms = started
+            else:
+                # Never the stream's event time: it would move the usage fold's stream time
+                # (every later completion of the partition counted late) or overflow dates.
+                metrics.HEADERS_IGNORED.labels(HEADER_STARTED_AT).inc()
+                if not stream.started_ignored:
+                    stream.started_ignored = True
+                    log.warning(
+                        "ignoring an implausible cs-started-at header (before 2000 or more "
+                        "than a day after the record's timestamp); fix the gateway's clock "
+                        "or send epoch milliseconds",
+                        completion_id=stream.cid,
+                        started_at_ms=started,
+                        record_timestamp_ms=record_ts_ms,
+                    )
         if meta.seq is not None:
             stream.clock.sequenced = True
+
+    def _header_limits(self, meta: RecordMeta) -> str | None:
+        """What is wrong with a sequence number or chunk count that no completion within
+        the per-completion limits can have (dead-lettered at once instead of waiting for
+        the idle timeout), or ``None``."""
+        limit = self.settings.max_chunks
+        if meta.seq is not None and meta.seq >= limit:
+            return (
+                f"header {HEADER_SEQ!r} is {meta.seq}, beyond max_chunks={limit} (sequence "
+                "numbers are 0-based and a completion holds at most max_chunks chunks)"
+            )
+        if meta.end_count is not None and meta.end_count > limit:
+            return (
+                f"header {HEADER_END!r} is {meta.end_count}, beyond max_chunks={limit} (raise "
+                "CHUNKSTITCH_MAX_CHUNKS if completions really are that long)"
+            )
+        return None
 
     def _end_marker(self, part: _Partition, rec: Record, meta: RecordMeta, cid: str | None) -> None:
         if cid is None:
@@ -450,7 +496,7 @@ class Stitcher:
                 cid,
             )
             return
-        self._note_meta(stream, meta)
+        self._note_meta(stream, meta, rec.timestamp_ms)
         stream.offsets.append(rec.offset)
         stream.clock.end_count = meta.end_count
         stream.clock.end_reason = meta.end_reason
@@ -464,17 +510,44 @@ class Stitcher:
         now: float,
         event_now_s: float | None = None,
     ) -> None:
-        decision = decide(stream.asm, stream.clock, now, self.policy)
-        if decision is None and event_now_s is not None:
-            decision = self._decide_by_event_time(stream, event_now_s)
-        if decision is None:
-            return
-        response = stream.asm.finish(
-            status=decision.status, reason=decision.reason, expected=stream.clock.end_count
-        )
-        meta = response.chunkstitch
+        """Emit the stream if a detection rule says so. Guarded: a stream whose detection,
+        assembly or serialization fails is emitted as an ``error`` response plus an
+        ``internal_error`` dead letter (:meth:`_failed`), and is ledgered like any other,
+        so its replay is skipped; no other stream is affected."""
+        try:
+            decision = decide(stream.asm, stream.clock, now, self.policy)
+            if decision is None and event_now_s is not None:
+                decision = self._decide_by_event_time(stream, event_now_s)
+            if decision is None:
+                return
+            body, status = self._build(partition, stream, decision.status, decision.reason)
+            rule = decision.rule
+        except Exception as exc:
+            body, status, rule = self._failed(partition, stream, exc), "error", "internal_error"
+        del part.open[stream.cid]
+        known = part.ledger.get(stream.cid)
+        if known is None or stream.offsets[-1] > known:
+            part.ledger[stream.cid] = stream.offsets[-1]
+        part.emitted.append((now, stream.cid, stream.offsets[-1]))
+        self._emit.append(_Emission(partition, stream, body, status, rule))
+
+    def _build(
+        self, partition: int, stream: _Open, status: Status | None, reason: str | None
+    ) -> tuple[bytes, str]:
+        """The finished response of a stream, serialized, and its status."""
+        response = stream.asm.finish(status=status, reason=reason, expected=stream.clock.end_count)
+        self._fill_meta(response.chunkstitch, response.provider, partition, stream)
+        body = response.to_json()
+        if len(body) > self.settings.max_response_bytes:
+            body = self._too_large(response, len(body), partition)
+        return body, response.chunkstitch.status
+
+    def _fill_meta(
+        self, meta: ChunkstitchMeta, provider: str | None, partition: int, stream: _Open
+    ) -> None:
+        """The worker's part of the metadata: headers, record timestamps, source range."""
         meta.tenant = stream.tenant
-        meta.provider = stream.provider or response.provider
+        meta.provider = stream.provider or provider
         meta.request_started_at_ms = stream.started_ms
         meta.first_chunk_at_ms = stream.first_ts
         meta.last_chunk_at_ms = stream.last_ts
@@ -489,15 +562,60 @@ class Stitcher:
             first_offset=stream.offsets[0],
             last_offset=stream.offsets[-1],
         )
-        body = response.to_json()
-        if len(body) > self.settings.max_response_bytes:
-            body = self._too_large(response, len(body), partition)
-        del part.open[stream.cid]
-        known = part.ledger.get(stream.cid)
-        if known is None or stream.offsets[-1] > known:
-            part.ledger[stream.cid] = stream.offsets[-1]
-        part.emitted.append((now, stream.cid, stream.offsets[-1]))
-        self._emit.append(_Emission(partition, stream, body, meta.status, decision.rule))
+
+    def _failed(self, partition: int, stream: _Open, exc: Exception) -> bytes:
+        """A stream the worker's own code could not finish: an ``internal_error`` dead
+        letter (referencing its offsets; the chunks stay in the chunk topic) and, as its
+        response, an ``error`` with the metadata that can still be built."""
+        first, last = stream.offsets[0], stream.offsets[-1]
+        error = f"{type(exc).__name__}: {exc}"[:300]
+        reason = f"internal error while assembling the completion: {error}"
+        log.error(
+            "completion could not be assembled; emitted as an error response",
+            completion_id=stream.cid,
+            partition=partition,
+            offset=last,
+            error=error,
+        )
+        self._dead(
+            Record(
+                self.settings.topic_chunks,
+                partition,
+                last,
+                stream.cid.encode(),
+                b"",
+                (),
+                stream.last_ts,
+            ),
+            "internal_error",
+            f"completion {stream.cid!r} could not be assembled ({error}); it was emitted as "
+            f"an error response; its chunks are offsets {first}..{last} of partition "
+            f"{partition} of {self.settings.topic_chunks} (report this as a chunkstitch bug)",
+            stream.cid,
+        )
+        try:
+            asm = stream.asm
+            meta = ChunkstitchMeta(
+                status="error",
+                reason=reason,
+                chunk_count=asm.chunk_count,
+                duplicates_dropped=asm.duplicates_dropped,
+                missing_chunks=asm.missing_chunks,
+                usage_reported=asm.usage_reported,
+            )
+            self._fill_meta(meta, None, partition, stream)
+            return ChatCompletion(id=stream.cid, chunkstitch=meta).to_json()
+        except Exception:  # the last resort: id, status and reason only
+            return json.dumps(
+                {
+                    "id": stream.cid,
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": "",
+                    "choices": [],
+                    "chunkstitch": {"status": "error", "reason": reason},
+                }
+            ).encode()
 
     def _decide_by_event_time(self, stream: _Open, event_now_s: float) -> Decision | None:
         """The time rules judged by the partition's own clock (its latest record
@@ -607,10 +725,16 @@ class Stitcher:
                     continue
                 event_now = part.stream_time_ms / 1000
                 for stream in list(part.open.values()):
-                    self._check(partition, part, stream, _NEVER, event_now)
+                    try:
+                        self._check(partition, part, stream, _NEVER, event_now)
+                    except Exception as exc:  # _check is guarded; this keeps the loop going
+                        self._abandon(partition, part, stream, exc)
                 continue
             for stream in list(part.open.values()):
-                self._check(partition, part, stream, now)
+                try:
+                    self._check(partition, part, stream, now)
+                except Exception as exc:  # _check is guarded; this keeps the loop going
+                    self._abandon(partition, part, stream, exc)
 
     def _expire_ledger(self, now: float) -> None:
         """Forget emitted ids older than ``emitted_memory_s`` (oldest first, O(expired))."""
@@ -621,6 +745,32 @@ class Stitcher:
                 _, cid, offset = emitted.popleft()
                 if ledger.get(cid) == offset:
                     del ledger[cid]
+
+    def _abandon(self, partition: int, part: _Partition, stream: _Open, exc: Exception) -> None:
+        """The last line of the timer path: a stream whose error response could not even be
+        recorded is dropped (its offsets are released so the partition does not stall) with
+        an error log line and, when possible, an ``internal_error`` dead letter."""
+        part.open.pop(stream.cid, None)
+        part.done.update(stream.offsets)
+        log.error(
+            "completion dropped: the worker could not even emit it as an error",
+            completion_id=stream.cid,
+            partition=partition,
+            error=f"{type(exc).__name__}: {exc}"[:300],
+        )
+        try:
+            last = stream.offsets[-1]
+            self._dead(
+                Record(
+                    self.settings.topic_chunks, partition, last, stream.cid.encode(), b"", (), None
+                ),
+                "internal_error",
+                f"completion {stream.cid!r} was dropped after an internal error "
+                f"({type(exc).__name__}); its chunks end at offset {last} of partition {partition}",
+                stream.cid,
+            )
+        except Exception:
+            metrics.DEAD_LETTERS.labels("internal_error").inc()
 
     # -- durability -----------------------------------------------------------------------
     async def flush(self) -> None:
