@@ -103,7 +103,11 @@ async def test_poison_numbers_behind_a_gap_never_crash_the_worker(
             timeout_s=60,
         )
         letters = await read_topic(
-            settings, settings.topic_deadletter, until=sum(POISON_FIELDS.values()), timeout_s=30
+            settings,
+            settings.topic_deadletter,
+            until=sum(POISON_FIELDS.values()),
+            timeout_s=30,
+            distinct_keys=False,
         )
         metrics = worker.get("/metrics").decode()
         assert worker.proc.poll() is None
