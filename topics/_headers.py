@@ -24,6 +24,7 @@ __all__ = [
     "HEADER_SEQ",
     "HEADER_STARTED_AT",
     "HEADER_TENANT",
+    "KEY_MAX_BYTES",
     "STARTED_AT_EARLIEST_MS",
     "STARTED_AT_LATEST_MS",
     "STARTED_AT_MAX_AHEAD_MS",
@@ -145,6 +146,12 @@ def encode_headers(meta: RecordMeta) -> list[tuple[str, bytes]]:
         out.append((HEADER_REROUTED, meta.rerouted_from.encode()))
     return out
 
+
+KEY_MAX_BYTES = 1024
+"""Longest completion id (record key, or the chunk's ``id`` of a keyless record) accepted:
+the id is the key of the response and of the ledger record, and is repeated in the
+response body; a longer one is an ``oversize`` dead letter, never a record the topic
+cannot take."""
 
 STARTED_AT_EARLIEST_MS = 946_684_800_000
 """2000-01-01T00:00:00Z: an earlier ``cs-started-at`` is not a request start (a clock at

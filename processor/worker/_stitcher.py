@@ -40,6 +40,9 @@ from topics import (
     HEADER_STARTED_AT,
     ChatCompletion,
     ChunkstitchMeta,
+    CompletionChoice,
+    CompletionMessage,
+    CompletionUsage,
     DeadLetter,
     DeadLetterReason,
     HeaderError,
@@ -48,7 +51,7 @@ from topics import (
     Status,
     decode_headers,
 )
-from topics._headers import plausible_started_at
+from topics._headers import KEY_MAX_BYTES, plausible_started_at
 
 __all__ = ["AckFn", "Lease", "Record", "SendFn", "Stitcher"]
 
@@ -388,6 +391,14 @@ class Stitcher:
                 f"{self.settings.max_record_bytes}",
             )
             return
+        if rec.key is not None and len(rec.key) > KEY_MAX_BYTES:
+            self._dead(
+                rec,
+                "oversize",
+                f"record key of {len(rec.key)} bytes exceeds {KEY_MAX_BYTES} (the key is the "
+                "completion id)",
+            )
+            return
         cid = rec.key.decode("utf-8", "replace") if rec.key else None
         problem = self._header_limits(meta)
         if problem is not None:
@@ -404,6 +415,9 @@ class Stitcher:
         if cid is None:
             if not chunk.id:
                 self._dead(rec, "no_id", "record has no key and the chunk has no usable 'id'")
+                return
+            if len(chunk.id.encode()) > KEY_MAX_BYTES:
+                self._dead(rec, "oversize", f"chunk 'id' exceeds {KEY_MAX_BYTES} bytes")
                 return
             self._reroute(rec, chunk.id)
             return
@@ -540,7 +554,53 @@ class Stitcher:
         body = response.to_json()
         if len(body) > self.settings.max_response_bytes:
             body = self._too_large(response, len(body), partition)
+            if len(body) > self.settings.max_response_bytes:
+                body = self._bare(response, len(body))
         return body, response.chunkstitch.status
+
+    def _bare(self, response: ChatCompletion, size: int) -> bytes:
+        """Still too large without its message bodies (unknown fields of the chunks, tool
+        calls, a huge model name or header): only what tells downstream how it ended. A
+        record over the topic's limit would fail its round, stop the worker and fail
+        again on every replay."""
+        limit = self.settings.max_response_bytes
+        meta = response.chunkstitch
+        meta.reason = (
+            f"response of {size} bytes exceeds max_response_bytes={limit} even without its "
+            "message bodies: unknown fields, tool calls and usage details dropped too"
+        )
+        usage = response.usage
+        bare = ChatCompletion(
+            id=response.id,
+            created=response.created,
+            model=response.model[:256],
+            choices=[
+                CompletionChoice(
+                    index=c.index,
+                    message=CompletionMessage(role=c.message.role[:64]),
+                    finish_reason=(c.finish_reason or "")[:64] or None,
+                )
+                for c in response.choices
+            ],
+            usage=None
+            if usage is None
+            else CompletionUsage(
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                total_tokens=usage.total_tokens,
+            ),
+            chunkstitch=meta,
+        )
+        body = bare.to_json()
+        if len(body) > limit:  # thousands of choices, or headers of a megabyte
+            last = ChunkstitchMeta(
+                status="error",
+                reason=meta.reason,
+                chunk_count=meta.chunk_count,
+                source=meta.source,
+            )
+            body = ChatCompletion(id=response.id[:256], chunkstitch=last).to_json()
+        return body
 
     def _fill_meta(
         self, meta: ChunkstitchMeta, provider: str | None, partition: int, stream: _Open

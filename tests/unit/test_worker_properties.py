@@ -13,7 +13,7 @@ import asyncio
 import base64
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -171,6 +171,38 @@ async def test_seq_and_end_at_the_limit_are_accepted() -> None:
     assert _letters(send, stitcher.settings) == []
 
 
+async def test_a_key_or_keyless_id_longer_than_the_limit_is_an_oversize_dead_letter() -> None:
+    stitcher, send, _ = _stitcher()
+    acked: list[int] = []
+    await stitcher.handle(_rec(0, b"k" * 1025, _chunk("c1", "a")), lambda: acked.append(0))
+    await stitcher.handle(_rec(1, None, _chunk("i" * 1025, "a")), lambda: acked.append(1))
+    await _settle(stitcher)
+    letters = _letters(send, stitcher.settings)
+    assert [x["reason"] for x in letters] == ["oversize", "oversize"]
+    assert "1024" in letters[0]["message"]
+    assert not [t for t, *_ in send.sent if t == TOPIC]  # never re-routed
+    assert acked == [0, 1]
+
+
+async def test_a_response_too_large_even_without_bodies_is_emitted_bare_within_the_limit() -> None:
+    stitcher, send, _ = _stitcher(max_response_bytes=2048)
+    extra = {f"vendor_{i}": "v" * 200 for i in range(20)}  # unknown fields are kept
+    value = json.dumps(
+        {"id": "c1", "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}
+        | extra
+    ).encode()
+    await stitcher.handle(_rec(0, b"c1", value, RecordMeta(seq=0)), lambda: None)
+    await stitcher.handle(_rec(1, b"c1", b"", RecordMeta(end_count=1)), lambda: None)
+    await _settle(stitcher)
+    (body,) = send.values(stitcher.settings.topic_responses)
+    assert len(body) <= 2048
+    response = ChatCompletion.model_validate_json(body)
+    assert response.chunkstitch.status == "error"
+    assert "even without its message bodies" in (response.chunkstitch.reason or "")
+    assert response.choices[0].finish_reason == "stop"
+    assert response.chunkstitch.source is not None
+
+
 # -- guarded emission --------------------------------------------------------------------
 @pytest.fixture
 def faulty_finish(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -303,7 +335,7 @@ def _weighted(good: st.SearchStrategy[Any], bad: st.SearchStrategy[Any]) -> st.S
 
 
 _number = _weighted(_small, _bad_number)
-_text = st.text(max_size=8)
+_text = st.text(max_size=8) | st.just("y" * 300)
 _ids = st.sampled_from(["a", "b", "c", "z"])
 
 
@@ -423,7 +455,13 @@ _end_headers = st.builds(
     st.none() | st.sampled_from(["done", "closed", "aborted"]),
 )
 _any_headers = st.lists(st.tuples(_header_names, _header_values), max_size=4)
-_keys = st.one_of(_ids.map(str.encode), _ids.map(str.encode), st.none(), st.binary(max_size=6))
+_keys = st.one_of(
+    _ids.map(str.encode),
+    _ids.map(str.encode),
+    st.none(),
+    st.binary(max_size=6),
+    st.just(b"k" * 1025),
+)
 _timestamps = st.none() | st.integers(-(2**63), 2**63 - 1) | st.just(1_760_000_000_000)
 _partitions = st.integers(0, 1)
 _records = st.one_of(
@@ -469,6 +507,8 @@ _ops = st.lists(
         st.tuples(st.just("records"), _records.map(lambda r: [r])),
         st.tuples(st.just("records"), _records.map(lambda r: [r])),
         st.tuples(st.just("records"), _stream()),
+        st.tuples(st.just("records"), st.lists(_records, max_size=4)),
+        st.tuples(st.just("fetched"), st.tuples(st.integers(0, 30), st.integers(0, 30))),
         st.tuples(st.just("tick"), st.floats(0, 2000)),
         st.tuples(st.just("flush"), st.none()),
     ),
@@ -481,46 +521,87 @@ _SETTINGS = Settings(
     usage_grace_s=1,
     max_chunks=12,
     max_record_bytes=6000,
-    max_response_bytes=3000,
+    max_response_bytes=1024,
     max_lifetime_s=600,
 )
 """Small limits, so that the limit, oversize and too-large paths are taken too (built once:
 a Settings object takes milliseconds)."""
 
 
-async def _run(ops: list[tuple[str, Any]]) -> None:
-    stitcher, send, now = _stitcher(_SETTINGS)
+class _TopicPartition(NamedTuple):
+    topic: str
+    partition: int
+
+
+class _ConsumerRecord(NamedTuple):
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    timestamp: int | None
+
+
+async def _run(ops: list[tuple[str, Any]], batched: bool) -> None:
+    """``batched``: records arrive as fetched batches (``handle_batch``, acks through the
+    acker: what the app does), else one by one (``handle`` with a release callback). Not
+    mixed on one partition: ``release`` calls callbacks at once and the acker after its
+    pass, so mixing the two would reorder acks within a pass."""
+    acked: list[tuple[int, int]] = []
+    send = FakeSend()
+    now = [1000.0]
+    stitcher = Stitcher(
+        _SETTINGS,
+        send,
+        lambda: now[0],
+        acker=lambda partition, offsets: acked.extend((partition, o) for o in offsets),
+    )
     s = stitcher.settings
-    for part in stitcher.parts.values():
+    for partition in (0, 1):
+        part = stitcher.parts[partition] = _Partition(loaded=True)
         part.ledger["z"] = 10**6  # an emitted completion: its chunks are replays
     offsets = {0: 0, 1: 0}
     keys: dict[tuple[int, int], bytes | None] = {}
-    acked: list[tuple[int, int]] = []
     emitted: list[tuple[int, int]] = []
+    seal = stitcher.flush
 
-    def acker(partition: int, offset: int) -> Callable[[], None]:
-        return lambda: acked.append((partition, offset))
-
-    async def flush() -> None:
+    async def flush() -> None:  # also the flush that handle_batch seals its round with
         emitted.extend((e.partition, o) for e in stitcher._emit for o in e.stream.offsets)
-        await stitcher.flush()
+        await seal()
+
+    stitcher.flush = flush  # type: ignore[method-assign]
+
+    def number(partition: int, key: bytes | None) -> int:
+        offset = offsets[partition]
+        offsets[partition] += 1
+        keys[partition, offset] = key
+        return offset
 
     for op, arg in ops:
-        if op == "records":
+        if op == "records" and not batched:  # one by one, each with a release callback
             for partition, key, value, headers, ts in arg:
-                offset = offsets[partition]
-                offsets[partition] += 1
-                keys[partition, offset] = key
+                offset = number(partition, key)
                 rec = Record(TOPIC, partition, offset, key, value, headers, ts)
-                await stitcher.handle(rec, acker(partition, offset))
+                await stitcher.handle(rec, lambda p=partition, o=offset: acked.append((p, o)))
+        elif op == "records":  # one fetch: a round per batch, acks through the acker
+            by_partition: dict[int, list[_ConsumerRecord]] = {}
+            for partition, key, value, headers, ts in arg:
+                by_partition.setdefault(partition, []).append(
+                    _ConsumerRecord(number(partition, key), key, value, headers, ts)
+                )
+            await stitcher.handle_batch(
+                [(_TopicPartition(TOPIC, p), recs) for p, recs in by_partition.items()]
+            )
+        elif op == "fetched":  # high watermarks: a partition with lag is judged by event time
+            stitcher.fetched({p: offsets[p] + extra for p, extra in enumerate(arg)})
         elif op == "tick":
             now[0] += arg
             stitcher.tick()
         else:
-            await flush()
+            await stitcher.flush()
+    stitcher.fetched(offsets)  # caught up: the wall-clock rules apply to every partition
     now[0] += s.max_lifetime_s + s.idle_timeout_s + 1
     stitcher.tick()
-    await flush()
+    await stitcher.flush()
     await stitcher.drain()
 
     # Nothing is left open or held; every record was acknowledged once, in offset order.
@@ -558,8 +639,8 @@ async def _run(ops: list[tuple[str, Any]]) -> None:
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(_ops)
+@given(_ops, st.booleans())
 def test_no_input_makes_the_stitcher_raise_and_no_record_disappears(
-    ops: list[tuple[str, Any]],
+    ops: list[tuple[str, Any]], batched: bool
 ) -> None:
-    asyncio.run(_run(ops))
+    asyncio.run(_run(ops, batched))
