@@ -368,7 +368,10 @@ class Stitcher:
         part.next_offset = rec.offset + 1
         ts = rec.timestamp_ms
         if ts is not None and ts > 0 and (part.stream_time_ms is None or ts > part.stream_time_ms):
-            part.stream_time_ms = ts
+            # A producer clock far ahead must not make every stream of a lagging partition
+            # idle at once: stream time never runs ahead of this worker's clock (+1 min).
+            if ts <= self.wall_clock() * 1000 + 60_000:
+                part.stream_time_ms = ts
         self.last_offset[rec.partition] = rec.offset
         try:
             self._handle(part, rec)
@@ -972,6 +975,9 @@ class Stitcher:
                 if ack is None:
                     batch.append(offset)
                 else:
+                    if batch and acker is not None:  # keep offset order across both paths
+                        acker(partition, batch)
+                        batch = []
                     ack()
             if batch and acker is not None:
                 acker(partition, batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,3 +218,30 @@ def test_the_watchdog_names_the_longest_wait_beyond_the_stall_timeout() -> None:
     assert dog.stalled() == ("the coordinator", 45.0)
     assert dog.long_waits(10) == ["produce acknowledgements", "the coordinator"]
     assert Watchdog(30, clock=lambda: 0.0).stalled() is None
+
+
+async def test_a_record_timestamp_far_ahead_of_the_clock_never_moves_stream_time() -> None:
+    stitcher, send, now, lease, _ = _setup()
+    tp = TP(stitcher.settings.topic_chunks, 0)
+    await stitcher.handle_batch([(tp, [_kr(0, b"s", _chunk("a"), RecordMeta(seq=0), 10_000)])])
+    future = int((time.time() + 365 * 86400) * 1000)
+    await stitcher.handle_batch([(tp, [_kr(1, b"x", _chunk("b"), RecordMeta(seq=0), future)])])
+    stitcher.fetched({0: 50_000})  # lagging: judged by stream time
+    lease.renew(now[0])
+    stitcher.tick()
+    await stitcher.flush()
+    assert stitcher.parts[0].stream_time_ms == 10_000
+    assert send.on(stitcher.settings.topic_responses) == []
+
+
+async def test_acks_keep_offset_order_when_both_ack_paths_meet_on_a_partition() -> None:
+    stitcher, *_ = _setup()
+    order: list[object] = []
+    stitcher.acker = lambda p, offsets: order.append(list(offsets))
+    tp = TP(stitcher.settings.topic_chunks, 0)
+    await stitcher.handle_batch([(tp, [_kr(0, b"k", b"not json", RecordMeta(), 1)])])
+    await stitcher.handle(_rec(1, b"k", b"not json"), lambda: order.append("one"))
+    await stitcher.handle_batch([(tp, [_kr(2, b"k", b"not json", RecordMeta(), 3)])])
+    await stitcher.flush()
+    await stitcher.drain()
+    assert order == [[0], "one", [2]]
