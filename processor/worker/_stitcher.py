@@ -367,11 +367,15 @@ class Stitcher:
         part.held.append((rec.offset, release))
         part.next_offset = rec.offset + 1
         ts = rec.timestamp_ms
-        if ts is not None and ts > 0 and (part.stream_time_ms is None or ts > part.stream_time_ms):
-            # A producer clock far ahead must not make every stream of a lagging partition
-            # idle at once: stream time never runs ahead of this worker's clock (+1 min).
-            if ts <= self.wall_clock() * 1000 + 60_000:
-                part.stream_time_ms = ts
+        # A producer clock far ahead must not make every stream of a lagging partition idle
+        # at once: stream time never runs ahead of this worker's clock (+1 min).
+        if (
+            ts is not None
+            and ts > 0
+            and (part.stream_time_ms is None or ts > part.stream_time_ms)
+            and ts <= self.wall_clock() * 1000 + 60_000
+        ):
+            part.stream_time_ms = ts
         self.last_offset[rec.partition] = rec.offset
         try:
             self._handle(part, rec)
