@@ -116,8 +116,8 @@ class TcpProxy:
 
     # -- controls (thread-safe) ------------------------------------------------------------
     def target(self, *pids: int) -> None:
-        """Fault only the connections of these processes (added to the earlier ones)."""
-        self._pids.update(pids)
+        """Fault only the connections of these processes from now on (none: every one)."""
+        self._pids = set(pids)
 
     def cut(self) -> int:
         """Reset every targeted connection now; returns how many were reset."""
