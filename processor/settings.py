@@ -125,6 +125,18 @@ class Settings(BaseSettings):
         "(CPython's default is 700: the batch path allocates that in a few records).",
     )
 
+    # --- static group membership (processor/worker/_faust_static.py) ---------------------
+    group_instance_id: str | None = Field(
+        default=None,
+        description="Kafka group.instance.id of this worker ('{hostname}' is replaced by the "
+        "host name); unique per worker, stable across its restarts (the pod name). Unset: "
+        "dynamic membership. Leave unset on the embedded broker (its static groups never "
+        "settle).",
+    )
+    group_leave_timeout_s: float = Field(
+        default=5.0, gt=0, description="Longest wait for LeaveGroup on a clean stop."
+    )
+
     # --- publisher -------------------------------------------------------------------------
     producer_acks: Literal["all", "1", "0"] = "all"
     producer_linger_ms: int = Field(default=5, ge=0)

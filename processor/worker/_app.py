@@ -29,6 +29,7 @@ from processor import metrics
 from processor.logs import get_logger
 from processor.settings import Settings
 from processor.worker import _faust
+from processor.worker._faust_static import install_static_membership
 from processor.worker._stitcher import Stitcher
 from processor.worker._watchdog import EXIT_STALLED, LoopMonitor, Watchdog
 
@@ -83,6 +84,7 @@ def create_app(settings: Settings) -> faust.App:
         processing_guarantee="at_least_once",
         table_standby_replicas=0,
     )
+    install_static_membership(app, settings)
     chunks = app.topic(
         settings.topic_chunks,
         key_type=bytes,

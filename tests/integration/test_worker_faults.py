@@ -20,6 +20,7 @@ import contextlib
 import json
 import random
 import signal
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -296,3 +297,27 @@ async def test_workers_cut_off_and_blackholed_deliver_everything_or_exit_loudly(
             w.stop()
     summary = _judge(responses, dead, streams)
     print(f"round {round_no}: cuts {[round(c, 1) for c in cuts]} s: {summary}; {restarts}")
+
+
+# -- static membership: a clean stop leaves the group at once -------------------------------------
+async def test_static_worker_leaves_the_group_when_it_stops_cleanly(
+    broker: str, tmp_path: Path
+) -> None:
+    """With an instance id, aiokafka alone sends no LeaveGroup on close; the worker's
+    override does (processor/worker/_faust_static.py) and the broker accepts it. Only one
+    static member here: the embedded broker never settles a group of two (see
+    tests/unit/test_faust_static.py), which is why the setting is off by default."""
+    settings = isolated_settings(broker, tmp_path, group_instance_id="cs-test-{hostname}")
+    await make_topics(settings)
+    worker = WorkerProcess(settings, tmp_path / "static.log").start(ready_timeout_s=60)
+    worker.stop()  # SIGTERM: a clean stop
+    assert worker.proc is not None
+    assert worker.proc.returncode == 0
+    left = [
+        json.loads(line)
+        for line in worker.log_path.read_text().splitlines()
+        if "left the consumer group on shutdown" in line
+    ]
+    assert left, f"no LeaveGroup on a clean stop: {worker.log_path}"
+    assert left[-1]["error_code"] == 0, left[-1]
+    assert left[-1]["member_id"].startswith(f"cs-test-{socket.gethostname()}"), left[-1]
