@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from processor.synthetic import SyntheticStream
 from processor.settings import Settings
+from processor.synthetic import SyntheticStream
 from tests.helpers.tcpproxy import ProxiedBroker
 from tests.helpers.worker import (
     Outgoing,
