@@ -10,6 +10,7 @@ BENCHMARKS: dict[str, str] = {
     "core": "benchmarks.core",
     "e2e": "benchmarks.e2e",
     "publisher": "benchmarks.publisher",
+    "restart": "benchmarks.restart",
 }
 
 

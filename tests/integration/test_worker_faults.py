@@ -45,6 +45,10 @@ from topics import encode_headers
 
 IDLE_S = 5.0
 SESSION_S = 3.0
+RECOVERY_S = 60.0
+"""Bound on recovery after the last fault: a worker must deliver, or exit and be restarted,
+within it. Below the 90 s that an unanswered request waits with faust's default
+broker_request_timeout, which is where the unfixed worker sits."""
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -252,7 +256,7 @@ async def test_workers_cut_off_and_blackholed_deliver_everything_or_exit_loudly(
         await traffic
         # Recovery, bounded: every completion arrives, or a worker exits non-zero with a
         # critical log line and is restarted (once per worker slot and round).
-        deadline = time.monotonic() + 75
+        deadline = time.monotonic() + RECOVERY_S
         arrived: set[bytes | None] = set()
         while time.monotonic() < deadline:
             got = await read_topic(
@@ -284,8 +288,9 @@ async def test_workers_cut_off_and_blackholed_deliver_everything_or_exit_loudly(
             ]
             raise AssertionError(
                 f"hang: {len(streams) - len(arrived)} of {len(streams)} completions never "
-                f"arrived within 75 s after the faults (cuts {[round(c, 1) for c in cuts]} s, "
-                f"blackhole 10 s) and no worker exited; {'; '.join(state)}"
+                f"arrived within {RECOVERY_S:.0f} s after the faults (cuts "
+                f"{[round(c, 1) for c in cuts]} s, blackhole 10 s) and no worker exited; "
+                + "; ".join(state)
             )
         await asyncio.sleep(IDLE_S + 1)
         responses = await read_quiet(settings, settings.topic_responses)
