@@ -247,11 +247,12 @@ async def trial(static: bool, workdir: Path, index: int) -> dict[str, Any]:
     return result
 
 
-def _spread(values: list[float]) -> str:
+def _spread(values: list[float], digits: int = 1) -> str:
     vals = [v for v in values if v == v]  # drop NaN
     if not vals:
         return "-"
-    return f"{statistics.median(vals):.1f} ({min(vals):.1f}-{max(vals):.1f})"
+    med, low, high = statistics.median(vals), min(vals), max(vals)
+    return f"{med:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
 
 
 def main(argv: list[str]) -> None:
@@ -263,16 +264,29 @@ def main(argv: list[str]) -> None:
         for _ in range(args.trials):
             for static in (False, True):
                 results.append(asyncio.run(trial(static, Path(tmp), len(results))))
+    summarize(results)
+
+
+def summarize(results: list[dict[str, Any]]) -> None:
+    """The table of every kind's trials (also for JSON lines kept from a run)."""
     print()
-    print("kind     settled  base gap s  restart gap s     base p99 ms   restart p99 ms  lost")
+    header = ("kind", "settled", "base gap s", "restart gap s", "base p99 ms", "restart p99 ms")
+    print(
+        f"{header[0]:8} {header[1]:>8} {header[2]:>20} {header[3]:>20} {header[4]:>24} "
+        f"{header[5]:>26}  not arrived"
+    )
     for kind in ("dynamic", "static"):
         rs = [r for r in results if r["kind"] == kind]
+        settled = f"{sum(r['settled_before_kill'] for r in rs)}/{len(rs)}"
         print(
-            f"{kind:8} {sum(r['settled_before_kill'] for r in rs)}/{len(rs)}    "
-            f"{_spread([r['baseline']['max_gap_s'] for r in rs]):>12} "
-            f"{_spread([r['restart']['max_gap_s'] for r in rs]):>15} "
-            f"{_spread([r['baseline']['p99_ms'] for r in rs]):>15} "
-            f"{_spread([r['restart']['p99_ms'] for r in rs]):>17} "
+            f"{kind:8} {settled:>8} "
+            f"{_spread([r['baseline']['max_gap_s'] for r in rs]):>20} "
+            f"{_spread([r['restart']['max_gap_s'] for r in rs]):>20} "
+            f"{_spread([r['baseline']['p99_ms'] for r in rs], 0):>24} "
+            f"{_spread([r['restart']['p99_ms'] for r in rs], 0):>26}  "
             f"{sum(r['restart']['not_arrived'] for r in rs)}"
         )
-    print("median (min-max) over trials; gaps between consecutive responses arriving")
+    print(
+        "median (min-max) over trials; gap = longest time between two consecutive responses "
+        "arriving; not arrived = streams of the restart window without a response 10 s after it"
+    )
