@@ -45,10 +45,13 @@ from topics import encode_headers
 
 IDLE_S = 5.0
 SESSION_S = 3.0
+STALL_S = 20.0
+"""CHUNKSTITCH_STALL_TIMEOUT_S of the network-fault workers: a worker waiting longer on the
+broker exits (loudly) and is restarted within RECOVERY_S."""
 RECOVERY_S = 60.0
 """Bound on recovery after the last fault: a worker must deliver, or exit and be restarted,
 within it. Below the 90 s that an unanswered request waits with faust's default
-broker_request_timeout, which is where the unfixed worker sits."""
+broker_request_timeout, which is where the worker without bounded waits sat."""
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -235,6 +238,7 @@ async def test_workers_cut_off_and_blackholed_deliver_everything_or_exit_loudly(
         partitions=4,
         idle_timeout_s=IDLE_S,
         session_timeout_s=SESSION_S,
+        stall_timeout_s=STALL_S,
     )
     await make_topics(settings)
     rng = random.Random(600 + round_no)
