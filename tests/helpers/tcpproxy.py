@@ -40,7 +40,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 
@@ -192,11 +192,11 @@ class TcpProxy:
         self.stop()
 
     # -- inside the proxy's loop -------------------------------------------------------------
-    def _call(self, fn: object) -> int:
+    def _call(self, fn: Callable[[], int]) -> int:
         assert self._loop is not None, "the proxy is not started"
 
         async def run() -> int:
-            return fn()  # type: ignore[operator,no-any-return]
+            return fn()
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
 
