@@ -125,7 +125,7 @@ class Settings(BaseSettings):
         "(CPython's default is 700: the batch path allocates that in a few records).",
     )
 
-    # --- static group membership (processor/worker/_faust_static.py) ---------------------
+    # --- static group membership (processor/worker/_faust.py) ---------------------
     group_instance_id: str | None = Field(
         default=None,
         description="Kafka group.instance.id of this worker ('{hostname}' is replaced by the "

@@ -29,7 +29,6 @@ from processor import metrics
 from processor.logs import get_logger
 from processor.settings import Settings
 from processor.worker import _faust
-from processor.worker._faust_static import install_static_membership
 from processor.worker._stitcher import Stitcher
 from processor.worker._watchdog import EXIT_STALLED, LoopMonitor, Watchdog
 
@@ -84,7 +83,6 @@ def create_app(settings: Settings) -> faust.App:
         processing_guarantee="at_least_once",
         table_standby_replicas=0,
     )
-    install_static_membership(app, settings)
     chunks = app.topic(
         settings.topic_chunks,
         key_type=bytes,
@@ -114,7 +112,7 @@ def create_app(settings: Settings) -> faust.App:
     stitcher = Stitcher(settings, send, time.monotonic, worker_id, acker=ack, lease=lease)
     stitcher.on_failure = lambda exc: _stop_worker(app, exc, stitcher.failure_what)
     app.stitcher = stitcher  # type: ignore[attr-defined]
-    _faust.install(app, stitcher, lease, settings.fetch_max_wait_ms)
+    _faust.install(app, stitcher, lease, settings)
     state: dict[str, Any] = {"assigned": False, "rebalance_since": None}
 
     watchdog = Watchdog(settings.stall_timeout_s)

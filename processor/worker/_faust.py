@@ -27,14 +27,31 @@ What is overridden, and why:
    emits only while the worker holds a lease that the group coordinator renewed: a
    heartbeat or SyncGroup answered without error, timed from when the request was *sent*
    (see docs/design.md, "Fencing"). aiokafka has no public hook for heartbeat results.
+
+4. **Static group membership** (faust's public ``consumer_group_instance_id`` setting,
+   plus aiokafka's ``GroupCoordinator._maybe_leave_group``/``close``). With
+   ``CHUNKSTITCH_GROUP_INSTANCE_ID`` a worker restarting within the session timeout
+   rejoins as the same member (KIP-345): no rebalance for the others. aiokafka sends no
+   LeaveGroup for a static member, so a worker that stops cleanly would hold its
+   partitions until its session expires; once the consumer has started, its
+   coordinator's ``close()`` (run only on a clean stop) sends ``LeaveGroup(member_id)``,
+   bounded by ``CHUNKSTITCH_GROUP_LEAVE_TIMEOUT_S``; a killed worker sends nothing. The
+   embedded broker (Tansu 0.6.0) accepts instance ids but a static group of two never
+   becomes stable on it, so the setting is off by default; on Apache Kafka >= 2.3 it works.
+   Tansu starts generations at 0, where aiokafka's own ``> 0`` check never leaves: the
+   override treats 0 as joined.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
+
+from processor.logs import get_logger
+from processor.settings import Settings
 
 __all__ = [
     "BatchConsumer",
@@ -43,7 +60,11 @@ __all__ = [
     "ack_offsets",
     "install",
     "install_lease_hook",
+    "install_static_membership",
+    "resolve_instance_id",
 ]
+
+log = get_logger("chunkstitch.worker")
 
 FAUST_TESTED = ("0.15.3",)
 AIOKAFKA_TESTED = ("0.14.0",)
@@ -333,8 +354,100 @@ def install_lease_hook(group_id: str, lease: MembershipLease) -> None:
     GroupCoordinator._chunkstitch_lease = True
 
 
-def install(app: Any, handler: BatchHandler, lease: MembershipLease, fetch_wait_ms: int) -> None:
+# -- 4. static group membership -----------------------------------------------------------
+_state: dict[str, float] = {"leave_timeout_s": 5.0}
+
+
+def resolve_instance_id(value: str | None) -> str | None:
+    """The configured instance id with ``{hostname}`` replaced; None (or empty) = off."""
+    if not value:
+        return None
+    return value.replace("{hostname}", socket.gethostname())
+
+
+def install_static_membership(app: Any, settings: Settings) -> None:
+    """Give ``app``'s worker consumer the configured instance id (if any) and make it
+    leave the group when it stops cleanly."""
+    instance_id = resolve_instance_id(settings.group_instance_id)
+    if instance_id is None:
+        return
+    app.conf.consumer_group_instance_id = instance_id
+    _state["leave_timeout_s"] = settings.group_leave_timeout_s
+    _wrap_consumer_factory()
+    log.info("static group membership", group_instance_id=instance_id)
+
+
+def _wrap_consumer_factory() -> None:
+    from faust.transport.drivers import aiokafka as driver
+
+    thread: Any = driver.AIOKafkaConsumerThread
+    if getattr(thread, "_chunkstitch_static", False):
+        return
+    original = thread._create_worker_consumer
+
+    def create(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        start = consumer.start
+
+        async def start_then_patch() -> None:
+            await start()
+            _leave_on_close(consumer._coordinator)
+
+        consumer.start = start_then_patch
+        return consumer
+
+    thread._create_worker_consumer = create
+    thread._chunkstitch_static = True
+
+
+def _leave_on_close(coordinator: Any) -> None:
+    """Make a clean ``close()`` of this coordinator send LeaveGroup for its static member."""
+    from aiokafka.errors import KafkaError
+    from aiokafka.protocol.group import LeaveGroupRequest
+
+    if coordinator is None or getattr(coordinator, "_chunkstitch_leave", False):
+        return
+    closing = {"now": False}
+    original_close = coordinator.close
+    original_leave = coordinator._maybe_leave_group
+
+    async def close() -> None:
+        closing["now"] = True
+        await original_close()
+
+    async def maybe_leave_group() -> None:
+        # joined = a generation id >= 0 (aiokafka's "none" is -1; Kafka's first is 1 but
+        # the embedded broker's is 0, where aiokafka's own "> 0" check never leaves)
+        if not (closing["now"] and coordinator.generation >= 0 and coordinator.member_id):
+            await original_leave()
+            return
+        request = LeaveGroupRequest(coordinator.group_id, coordinator.member_id)
+        try:
+            response = await asyncio.wait_for(
+                coordinator._send_req(request), _state["leave_timeout_s"]
+            )
+        except (KafkaError, TimeoutError) as exc:
+            log.warning(
+                "could not leave the consumer group on shutdown; the other workers take "
+                "over this worker's partitions when its session times out",
+                error=f"{type(exc).__name__}: {exc}",
+            )
+        else:
+            log.info(
+                "left the consumer group on shutdown",
+                member_id=coordinator.member_id,
+                error_code=getattr(response, "error_code", None),
+            )
+        coordinator.reset_generation()
+
+    coordinator.close = close
+    coordinator._maybe_leave_group = maybe_leave_group
+    coordinator._chunkstitch_leave = True
+
+
+def install(app: Any, handler: BatchHandler, lease: MembershipLease, settings: Settings) -> None:
     """Apply every override to ``app`` (before it starts)."""
-    install_fetch_wait(fetch_wait_ms)
+    install_fetch_wait(settings.fetch_max_wait_ms)
+    install_static_membership(app, settings)
     install_batch_consumer(app, handler)
     install_lease_hook(app.conf.id, lease)

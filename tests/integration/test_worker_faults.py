@@ -318,7 +318,7 @@ async def test_static_worker_leaves_the_group_when_it_stops_cleanly(
     broker: str, tmp_path: Path
 ) -> None:
     """With an instance id, aiokafka alone sends no LeaveGroup on close; the worker's
-    override does (processor/worker/_faust_static.py) and the broker accepts it. Only one
+    override does (processor/worker/_faust.py) and the broker accepts it. Only one
     static member here: the embedded broker never settles a group of two (see
     tests/unit/test_faust_static.py), which is why the setting is off by default."""
     settings = isolated_settings(broker, tmp_path, group_instance_id="cs-test-{hostname}")

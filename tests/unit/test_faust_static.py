@@ -1,4 +1,4 @@
-"""Static group membership (processor/worker/_faust_static.py): the faust and aiokafka
+"""Static group membership (processor/worker/_faust.py): the faust and aiokafka
 internals it relies on, named in each failure, and its leave-on-clean-close logic."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from processor.settings import Settings
-from processor.worker._faust_static import _leave_on_close, resolve_instance_id
+from processor.worker._faust import _leave_on_close, resolve_instance_id
 
 
 def test_static_membership_is_off_by_default() -> None:
@@ -43,7 +43,7 @@ async def test_faust_passes_its_instance_id_setting_to_the_aiokafka_consumer(
         )
         assert getattr(consumer.start, "__name__", "") == "start_then_patch", (
             "the consumer built by AIOKafkaConsumerThread._create_worker_consumer is not "
-            "the one whose start() _faust_static wraps"
+            "the one whose start() _faust wraps"
         )
     finally:
         await consumer.stop()
@@ -56,12 +56,12 @@ def test_aiokafka_internals_the_override_relies_on() -> None:
 
     for name in ("close", "_maybe_leave_group", "_send_req", "reset_generation"):
         assert callable(getattr(GroupCoordinator, name, None)), (
-            f"aiokafka GroupCoordinator.{name} is gone: review processor/worker/_faust_static.py"
+            f"aiokafka GroupCoordinator.{name} is gone: review processor/worker/_faust.py"
         )
     leave_src = inspect.getsource(GroupCoordinator._maybe_leave_group)
     assert "_group_instance_id is None" in leave_src, (
         "aiokafka GroupCoordinator._maybe_leave_group no longer skips static members: the "
-        "leave-on-close override in processor/worker/_faust_static.py may be unneeded"
+        "leave-on-close override in processor/worker/_faust.py may be unneeded"
     )
     assert "self._maybe_leave_group()" in inspect.getsource(GroupCoordinator.close), (
         "aiokafka GroupCoordinator.close no longer calls _maybe_leave_group"
@@ -77,7 +77,7 @@ def test_aiokafka_internals_the_override_relies_on() -> None:
 
     assert OffsetCommitRequest.DEFAULT_GENERATION_ID == -1, (
         "aiokafka's 'no generation' (OffsetCommitRequest.DEFAULT_GENERATION_ID) is no longer "
-        "-1: the 'joined' check in processor/worker/_faust_static.py relies on it"
+        "-1: the 'joined' check in processor/worker/_faust.py relies on it"
     )
 
 
