@@ -1,16 +1,27 @@
-"""End to end on the embedded broker: what the worker costs next to its own floors.
+"""End to end on the embedded broker: what the worker costs next to its own floors and peers.
 
-Measured in one run, each on a fresh embedded broker (Tansu keeps every record in memory):
+Measured in one run, each on a fresh embedded broker (Tansu keeps every record in memory)
+preloaded with the same chunk records:
 
   (a) raw aiokafka consume-and-produce passthrough: the floor of any Python pipeline here;
   (b) a plain faust agent forwarding every record unchanged: what faust costs by itself;
-  (c) the chunkstitch worker: full assembly, held acks, ledger, emission.
+  (q) a Quix Streams application (confluent-kafka / librdkafka) forwarding every record
+      unchanged: the closest peer framework;
+  (c) the chunkstitch worker: full assembly, held acks, ledger, emission, usage rollups
+      (and (c') without usage rollups).
 
-Every variant is a separate process that starts on a topic preloaded with the same chunk
-records; throughput = records / (time from the process being ready to its last output).
+The variants run in interleaved rounds (a, b, q, c, c' per round, ``--rounds`` of them), so
+that the machine's drift hits every variant alike; medians and the spread (min-max) are
+reported, and the ratios c/a, c/b and c/q per round. Each variant is a separate process;
+throughput = records / (time from the process being ready to its last output). CPU per
+record = the process's CPU time (user + system, all threads, from /proc) over that window
+divided by the records, and the broker's CPU over the same window beside it (it also serves
+the benchmark's own reader of the output topic).
+
 Then, for (c): latency from a stream's end marker being published to its response
-arriving at half of (c)'s peak load (p50/p99), worker memory with 10,000 streams in
-flight, and chunks/s at 20, 500 and 5,000 chunks per stream.
+arriving at half of (c)'s median peak (p50/p99) next to the same load through a bare
+consume-and-produce hop, worker memory with 10,000 streams in flight, and chunks/s at 20,
+500 and 5,000 chunks per stream.
 """
 
 from __future__ import annotations
@@ -79,6 +90,30 @@ async def main():
             await c.commit()
 asyncio.run(main())
 """
+
+QUIX_PASSTHROUGH = """
+import sys
+from quixstreams import Application
+
+class App(Application):
+    # The only hook for "partitions assigned" (private in Quix Streams 3.x): say ready there.
+    def _on_assign(self, consumer, partitions):
+        super()._on_assign(consumer, partitions)
+        if partitions:
+            print("ready", flush=True)
+
+app = App(broker_address=sys.argv[1], consumer_group="bench-quix", auto_offset_reset="earliest",
+          loglevel="WARNING", use_changelog_topics=False, auto_create_topics=False,
+          processing_guarantee="at-least-once",
+          consumer_extra_config={"session.timeout.ms": 6000, "heartbeat.interval.ms": 500})
+src = app.topic(sys.argv[2], key_deserializer="bytes", value_deserializer="bytes")
+dst = app.topic(sys.argv[3], key_serializer="bytes", value_serializer="bytes")
+app.dataframe(src).to_topic(dst)
+app.run()
+"""
+"""Quix Streams with its defaults (at-least-once, commit every 5 s, librdkafka's producer
+and fetch settings) except: read from the earliest offset, no changelog topics (no state
+is used), topics not auto-created (they exist)."""
 
 
 def _settings(broker: str, tmp: Path, **extra: Any) -> Settings:
@@ -233,8 +268,45 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+VARIANTS: dict[str, str] = {
+    "aiokafka": "(a) aiokafka passthrough",
+    "faust": "(b) faust forward",
+    "quix": "(q) Quix Streams forward",
+    "worker": "(c) chunkstitch worker",
+    "worker-no-usage": "(c') worker, no usage rollups",
+}
+
+
+def _start_script(
+    script: str, args: list[str], tmp: Path, name: str, *, stdout: Any
+) -> subprocess.Popen[bytes]:
+    path = tmp / f"bench_{name}.py"  # never the name of a module it imports
+    path.write_text(script)
+    err = (tmp / f"bench_{name}.err").open("wb")
+    return subprocess.Popen([sys.executable, str(path), *args], stdout=stdout, stderr=err, cwd=tmp)
+
+
+def _wait_line(proc: subprocess.Popen[bytes], line: bytes, timeout_s: float = 60) -> float:
+    """Wait for ``line`` on the process's stdout; the monotonic time it came."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = proc.stdout.readline()
+        if got.strip() == line:
+            return time.monotonic()
+        if not got and proc.poll() is not None:
+            raise RuntimeError(f"benchmark process exited with {proc.returncode}")
+    raise TimeoutError(f"benchmark process did not say {line!r} within {timeout_s}s")
+
+
 def run_variant(variant: str, streams: int, chunks: int, tmp: Path) -> dict[str, float]:
-    """Throughput of one variant on a fresh broker preloaded with the same workload.
+    """Throughput and CPU of one variant on a fresh broker preloaded with the same workload.
     ``worker`` runs with usage rollups, ``worker-no-usage`` without."""
     records = _records(streams, chunks, seed=1)
     with EmbeddedBroker() as broker:
@@ -245,51 +317,37 @@ def run_variant(variant: str, streams: int, chunks: int, tmp: Path) -> dict[str,
         asyncio.run(_preload(broker.bootstrap, settings.topic_chunks, records))
         out_topic = settings.topic_responses
         expected = streams if variant.startswith("worker") else len(records)
+        args = [broker.bootstrap, settings.topic_chunks, out_topic]
         if variant == "aiokafka":
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    AIOKAFKA_PASSTHROUGH,
-                    broker.bootstrap,
-                    settings.topic_chunks,
-                    out_topic,
-                ],
-                stdout=subprocess.PIPE,
-            )
-            assert proc.stdout is not None
-            proc.stdout.readline()
-            t0 = time.monotonic()
+            proc = _start_script(AIOKAFKA_PASSTHROUGH, args, tmp, variant, stdout=subprocess.PIPE)
+            t0 = _wait_line(proc, b"ready")
+        elif variant == "quix":
+            proc = _start_script(QUIX_PASSTHROUGH, args, tmp, variant, stdout=subprocess.PIPE)
+            t0 = _wait_line(proc, b"ready")
         elif variant == "faust":
-            script = tmp / "faust_pass.py"
-            script.write_text(FAUST_PASSTHROUGH)
             port = free_port()
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(script),
-                    broker.bootstrap,
-                    settings.topic_chunks,
-                    out_topic,
-                    str(port),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                cwd=tmp,
+            proc = _start_script(
+                FAUST_PASSTHROUGH, [*args, str(port)], tmp, variant, stdout=subprocess.DEVNULL
             )
             t0 = _wait_ready(_http_ready(port), proc)
         else:
             proc = _worker(settings, tmp / "worker.log")
             t0 = _wait_ready(_http_ready(settings.web_port), proc)
+        broker_pid = broker._proc.pid  # type: ignore[union-attr]
+        cpu0, broker0 = _cpu_s(proc.pid), _cpu_s(broker_pid)
         try:
             t1 = asyncio.run(_count_until(broker.bootstrap, out_topic, expected, timeout_s=600))
+            cpu1, broker1 = _cpu_s(proc.pid), _cpu_s(broker_pid)
             rss = _rss_mb(proc.pid)
         finally:
             _stop(proc)
+    n = len(records)
     return {
-        "records": len(records),
+        "records": n,
         "seconds": t1 - t0,
-        "rate": len(records) / (t1 - t0),
+        "rate": n / (t1 - t0),
+        "cpu_us": (cpu1 - cpu0) / n * 1e6,
+        "broker_cpu_us": (broker1 - broker0) / n * 1e6,
         "rss_mb": rss,
     }
 
@@ -452,9 +510,61 @@ def report_latency(peak: float, tmp: Path, seconds: float, trials: int) -> None:
     )
 
 
+def _spread(values: list[float], fmt: str) -> str:
+    """``median (min-max)`` of the values."""
+    med = statistics.median(values)
+    if len(values) == 1:
+        return format(med, fmt)
+    return f"{format(med, fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
+def report_throughput(
+    results: dict[str, list[dict[str, float]]], rounds: int, records: int
+) -> float:
+    """Print the table of medians and spreads and the same-round ratios; (c)'s median rate."""
+    print(
+        f"\nthroughput, {rounds} interleaved round(s) on {records:,} records each, "
+        "median (min-max):"
+    )
+    print("| variant | records/s | CPU us/record | broker CPU us/record | rounds |")
+    print("|---|---:|---:|---:|---|")
+    for variant, runs in results.items():
+        rates = ", ".join(f"{r['rate']:,.0f}" for r in runs)
+        print(
+            f"| {VARIANTS[variant]} | {_spread([r['rate'] for r in runs], ',.0f')} "
+            f"| {_spread([r['cpu_us'] for r in runs], '.0f')} "
+            f"| {_spread([r['broker_cpu_us'] for r in runs], '.0f')} | {rates} |"
+        )
+    c = results.get("worker")
+    if c:
+        for name, base in (("a", "aiokafka"), ("b", "faust"), ("q", "quix")):
+            if base in results:
+                ratios = [w["rate"] / o["rate"] for w, o in zip(c, results[base], strict=True)]
+                cpu = [o["cpu_us"] / w["cpu_us"] for w, o in zip(c, results[base], strict=True)]
+                print(
+                    f"c/{name} = {_spread(ratios, '.2f')} (per round: "
+                    f"{', '.join(f'{r:.2f}' for r in ratios)}); CPU per record, {name}/c = "
+                    f"{_spread(cpu, '.2f')}"
+                )
+    c0 = results.get("worker-no-usage")
+    if c and c0:
+        cost = [1 - w["rate"] / o["rate"] for w, o in zip(c, c0, strict=True)]
+        print(
+            f"usage rollups: cost {_spread([x * 100 for x in cost], '.1f')}% of throughput "
+            "(same-round pairs)"
+        )
+    return statistics.median(r["rate"] for r in c) if c else 0.0
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks e2e", description=__doc__)
     parser.add_argument("--streams", type=int, default=1000, help="streams of 20 chunks")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of variants")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated subset of {', '.join(VARIANTS)}",
+    )
     parser.add_argument(
         "--peak", type=float, default=None, help="skip (a)-(c); use this peak for the latency run"
     )
@@ -462,39 +572,43 @@ def main(argv: list[str]) -> None:
         "--latency-seconds", type=float, default=10, help="paced load per latency trial"
     )
     parser.add_argument("--latency-trials", type=int, default=3, help="latency trials")
+    parser.add_argument(
+        "--no-lengths", action="store_true", help="skip the chunks-per-stream comparison"
+    )
     args = parser.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     tmp = Path(tempfile.mkdtemp(prefix="chunkstitch-bench-"))
-    results: dict[str, dict[str, float]] = {}
     if args.peak:
         report_latency(args.peak, tmp, args.latency_seconds, args.latency_trials)
         return
-    for variant, label in (
-        ("aiokafka", "(a) aiokafka passthrough"),
-        ("faust", "(b) faust forward"),
-        ("worker", "(c) chunkstitch worker"),
-    ):
-        print(f"measuring {label} on {args.streams * 22:,} records ...", flush=True)
-        results[variant] = run_variant(variant, args.streams, 20, tmp)
-        print(f"  {results[variant]['rate']:,.0f} records/s", flush=True)
-    print("measuring (c') chunkstitch worker without usage rollups ...", flush=True)
-    results["worker-no-usage"] = run_variant("worker-no-usage", args.streams, 20, tmp)
-    a, b, c = (results[v]["rate"] for v in ("aiokafka", "faust", "worker"))
-    c0 = results["worker-no-usage"]["rate"]
-    print(
-        f"usage rollups: {c0:,.0f} records/s without, {c:,.0f} with "
-        f"(cost {(1 - c / c0) * 100:.1f}% of throughput)"
-    )
-    print(
-        f"\n| variant | records/s |\n|---|---:|\n| (a) aiokafka passthrough | {a:,.0f} |\n"
-        f"| (b) faust forward | {b:,.0f} |\n| (c) chunkstitch worker | {c:,.0f} |"
-    )
-    print(f"c/b = {c / b:.2f}   c/a = {c / a:.2f}")
-    report_latency(c, tmp, args.latency_seconds, args.latency_trials)
+    records = len(_records(args.streams, 20, seed=1))
+    results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    for rnd in range(1, args.rounds + 1):
+        for variant in variants:
+            print(f"round {rnd}: {VARIANTS[variant]} on {records:,} records ...", flush=True)
+            r = run_variant(variant, args.streams, 20, tmp)
+            results[variant].append(r)
+            print(
+                f"  {r['rate']:,.0f} records/s, {r['cpu_us']:.0f} us CPU/record, "
+                f"broker {r['broker_cpu_us']:.0f} us/record, {r['rss_mb']:.0f} MB RSS",
+                flush=True,
+            )
+    peak = report_throughput(results, args.rounds, records)
+    if not peak:
+        return
+    report_latency(peak, tmp, args.latency_seconds, args.latency_trials)
+    if args.no_lengths:
+        return
     print("\nchunks/s by stream length (same total chunks):", flush=True)
     total = args.streams * 20
     for length in (20, 500, 5000):
         n = max(total // length, 1)
         r = run_variant("worker", n, length, tmp)
         print(
-            f"  {length:>5} chunks/stream x {n:>4} streams: {r['rate']:,.0f} records/s", flush=True
+            f"  {length:>5} chunks/stream x {n:>4} streams: {r['rate']:,.0f} records/s, "
+            f"{r['cpu_us']:.0f} us CPU/record",
+            flush=True,
         )
