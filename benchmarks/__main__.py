@@ -9,6 +9,7 @@ BENCHMARKS: dict[str, str] = {
     "broker": "benchmarks.broker",
     "core": "benchmarks.core",
     "e2e": "benchmarks.e2e",
+    "profile": "benchmarks.profile",
     "publisher": "benchmarks.publisher",
     "restart": "benchmarks.restart",
 }

@@ -252,8 +252,10 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **settings.to_env()}
+def _worker(
+    settings: Settings, log: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **settings.to_env(), **(extra_env or {})}
     out = log.open("wb")
     return subprocess.Popen(
         [sys.executable, "-m", "processor", "worker"], env=env, stdout=out, stderr=out

@@ -1,0 +1,207 @@
+"""Where the worker's CPU goes under the e2e benchmark's load: a py-spy profile, broken down.
+
+Starts an embedded broker, preloads the e2e benchmark's workload (sequenced 20-chunk text
+streams with end markers, about 50 live at a time), starts the worker of this checkout
+(``python -m processor worker``), and once it is ready attaches py-spy (``record --native
+--threads --format raw``) until the last response has arrived. Each sample is then given to
+one bucket: walking from the innermost frame outwards, the first frame that belongs to a
+bucket's code decides (so pydantic validation called by the core counts as core, json
+called by aiokafka as aiokafka, a C-level asyncio task step as the asyncio loop); any
+stack with the interpreter's collector in it (``gc_collect_main``) is GC. Only samples of
+running threads are taken (py-spy drops idle ones), so the shares are shares of CPU.
+
+    ./dev bench profile [--streams 2000] [--rate 100] [--set CHUNKSTITCH_X=1 ...]
+
+Needs ptrace rights on the worker (root, or kernel.yama.ptrace_scope=0). The raw samples
+are kept (path printed) for a flame graph (flamegraph.pl) or a closer look.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.e2e import (
+    _count_until,
+    _cpu_s,
+    _http_ready,
+    _preload,
+    _records,
+    _settings,
+    _stop,
+    _wait_ready,
+    _worker,
+)
+from processor.admin import create_topics
+from processor.broker import EmbeddedBroker, free_port
+
+ROOT = str(Path(__file__).resolve().parents[1])
+
+BUCKETS: list[tuple[str, tuple[str, ...]]] = [
+    ("chunkstitch core (parse, assemble, detect)", (f"{ROOT}/processor/core/",)),
+    ("stitcher (processor/worker/_stitcher.py)", (f"{ROOT}/processor/worker/_stitcher.py",)),
+    ("usage rollups (processor/usage)", (f"{ROOT}/processor/usage",)),
+    ("topics (headers, schemas)", (f"{ROOT}/topics/",)),
+    ("chunkstitch shell (agent loop, metrics, kafka)", (f"{ROOT}/processor/",)),
+    ("logging (structlog, logging)", ("/structlog/", "/logging/")),
+    ("faust + mode (per-event machinery)", ("/site-packages/faust/", "/site-packages/mode/")),
+    ("aiokafka (client, protocol)", ("/site-packages/aiokafka/", "/site-packages/kafka/")),
+    ("asyncio loop", ("/asyncio/", "_asynciomodule.c", "/selectors.py")),
+]
+"""(bucket, path fragments) in the order they are tried on each frame."""
+
+GC = "garbage collection"
+SYSCALL = "socket syscalls (kernel send/recv)"
+OTHER = "other"
+WAIT = "waiting (for the GIL, in epoll): not CPU"
+_WAITS = ("pthread_cond_timedwait", "pthread_cond_wait", "take_gil", "epoll_wait", "select_epoll")
+_SYSCALLS = ("send ", "sendto ", "sendmsg ", "recv ", "recvfrom ", "recvmsg ", "write ", "read ")
+
+
+def _frame_path(frame: str) -> str:
+    """``func (path:line)`` -> ``path:line`` (the part py-spy puts in parentheses)."""
+    start = frame.rfind(" (")
+    return frame[start + 2 : -1] if start >= 0 and frame.endswith(")") else frame
+
+
+def classify(frames: list[str]) -> tuple[str, str]:
+    """(bucket, deciding frame) of one sample; ``frames`` run from the outermost inwards."""
+    for frame in frames:
+        if frame.startswith(("gc_collect", "collect_with_callback", "_PyGC_Collect")):
+            return GC, frame
+    # py-spy counts a thread blocked on the GIL (a condition variable) or in epoll_wait as
+    # running when it samples native frames; neither is CPU, so they are set apart.
+    for frame in frames:
+        if frame.startswith(_WAITS):
+            return WAIT, frame
+    if frames and frames[-1].startswith(_SYSCALLS):
+        return SYSCALL, frames[-1]
+    for frame in reversed(frames):
+        path = _frame_path(frame)
+        for bucket, fragments in BUCKETS:
+            if any(f in path for f in fragments):
+                return bucket, frame
+    return OTHER, frames[-1] if frames else "?"
+
+
+def breakdown(raw: Path) -> tuple[collections.Counter[str], dict[str, collections.Counter[str]]]:
+    """Samples per bucket, and per bucket the deciding frames, from py-spy's raw output."""
+    buckets: collections.Counter[str] = collections.Counter()
+    detail: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    threads: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if frames and frames[0].startswith("thread ("):
+            threads[frames[0].split(": ", 1)[-1]] += int(count)
+            frames = frames[1:]
+        bucket, frame = classify(frames)
+        buckets[bucket] += int(count)
+        detail[bucket][frame] += int(count)
+    detail["_threads"] = threads
+    return buckets, detail
+
+
+def profile(streams: int, rate: int, native: bool, extra_env: dict[str, str], tmp: Path) -> None:
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("py-spy not found: install the dev extras (./dev install) or pip it")
+    records = _records(streams, 20, seed=1)
+    raw = tmp / "profile.raw.txt"
+    with EmbeddedBroker() as broker:
+        settings = _settings(broker.bootstrap, tmp, web_port=free_port())
+        asyncio.run(create_topics(settings))
+        asyncio.run(_preload(broker.bootstrap, settings.topic_chunks, records))
+        proc = _worker(settings, tmp / "worker.log", extra_env)
+        t0 = _wait_ready(_http_ready(settings.web_port), proc)
+        cmd = [spy, "record", "--pid", str(proc.pid), "--format", "raw", "--output", str(raw)]
+        cmd += ["--threads", "--full-filenames", "--rate", str(rate)]
+        if native:
+            cmd.append("--native")
+        sampler = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        cpu0 = _cpu_s(proc.pid)
+        try:
+            t1 = asyncio.run(
+                _count_until(broker.bootstrap, settings.topic_responses, streams, timeout_s=900)
+            )
+            cpu1 = _cpu_s(proc.pid)
+        finally:
+            sampler.send_signal(signal.SIGINT)
+            try:
+                _, err = sampler.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                sampler.kill()
+                _, err = sampler.communicate()
+            _stop(proc)
+    if sampler.returncode != 0 or not raw.exists():
+        tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise SystemExit(
+            f"py-spy could not sample the worker ({tail[0]}); it needs ptrace rights: run as "
+            "root or set kernel.yama.ptrace_scope=0"
+        )
+    n = len(records)
+    buckets, detail = breakdown(raw)
+    waiting = buckets.pop(WAIT, 0)
+    total = sum(buckets.values())
+    cpu = cpu1 - cpu0
+    print(
+        f"worker under py-spy ({rate} Hz{', native' if native else ''}): {n:,} records in "
+        f"{t1 - t0:.1f} s = {n / (t1 - t0):,.0f} records/s (slowed by the sampler), "
+        f"{cpu:.1f} s CPU (/proc) = {cpu / n * 1e6:.0f} us/record; {total:,} CPU samples = "
+        f"{total / rate:.1f} s sampled (coverage {total / rate / cpu * 100:.0f}% of the CPU "
+        f"time), {waiting:,} more samples waiting for the GIL or in epoll (left out)"
+    )
+    threads = detail.pop("_threads")
+    print("samples per thread: " + ", ".join(f"{t} {c:,}" for t, c in threads.most_common()))
+    print("\n| where | % of CPU samples | us/record |\n|---|---:|---:|")
+    for bucket, count in buckets.most_common():
+        share = count / total
+        print(f"| {bucket} | {share * 100:.1f}% | {share * cpu / n * 1e6:.0f} |")
+    print("\ntop deciding frames per bucket:")
+    for bucket, count in buckets.most_common():
+        top = detail[bucket].most_common(5)
+        print(f"  {bucket} ({count:,} samples)")
+        for frame, c in top:
+            print(f"    {c / total * 100:5.1f}%  {_short(frame)}")
+    print(f"\nraw samples: {raw}")
+
+
+def _short(frame: str) -> str:
+    return frame.replace(ROOT + "/", "").replace(sys.prefix + "/lib/", "")
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks profile", description=__doc__)
+    parser.add_argument("--streams", type=int, default=2000, help="streams of 20 chunks")
+    parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
+    parser.add_argument(
+        "--no-native", action="store_true", help="Python frames only (GC not visible then)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the worker (e.g. CHUNKSTITCH_BATCH_MAX=1000); repeatable",
+    )
+    args = parser.parse_args(argv)
+    extra: dict[str, str] = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--set wants NAME=VALUE, got {item!r}")
+        extra[name] = value
+    tmp = Path(tempfile.mkdtemp(prefix="chunkstitch-profile-"))
+    started = time.monotonic()
+    profile(args.streams, args.rate, not args.no_native, extra, tmp)
+    print(f"(whole run {time.monotonic() - started:.0f} s)")
