@@ -513,11 +513,11 @@ def report_latency(peak: float, tmp: Path, seconds: float, trials: int) -> None:
 
 
 def _spread(values: list[float], fmt: str) -> str:
-    """``median (min-max)`` of the values."""
+    """``median (min to max)`` of the values."""
     med = statistics.median(values)
     if len(values) == 1:
         return format(med, fmt)
-    return f"{format(med, fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+    return f"{format(med, fmt)} ({format(min(values), fmt)} to {format(max(values), fmt)})"
 
 
 def report_throughput(
@@ -526,7 +526,7 @@ def report_throughput(
     """Print the table of medians and spreads and the same-round ratios; (c)'s median rate."""
     print(
         f"\nthroughput, {rounds} interleaved round(s) on {records:,} records each, "
-        "median (min-max):"
+        "median (min to max):"
     )
     print("| variant | records/s | CPU us/record | broker CPU us/record | rounds |")
     print("|---|---:|---:|---:|---|")
