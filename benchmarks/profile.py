@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import shutil
 import signal
 import subprocess
@@ -38,7 +39,6 @@ from benchmarks.e2e import (
     _settings,
     _stop,
     _wait_ready,
-    _worker,
 )
 from processor.admin import create_topics
 from processor.broker import EmbeddedBroker, free_port
@@ -62,8 +62,40 @@ GC = "garbage collection"
 SYSCALL = "socket syscalls (kernel send/recv)"
 OTHER = "other"
 WAIT = "waiting (for the GIL, in epoll): not CPU"
-_WAITS = ("pthread_cond_timedwait", "pthread_cond_wait", "take_gil", "epoll_wait", "select_epoll")
+_WAITS = (
+    "pthread_cond_timedwait",
+    "pthread_cond_wait",
+    "take_gil",
+    "epoll_wait",
+    "select_epoll",
+    "clock_nanosleep",
+    "time_sleep",
+)
 _SYSCALLS = ("send ", "sendto ", "sendmsg ", "recv ", "recvfrom ", "recvmsg ", "write ", "read ")
+
+GC_WRAPPER = """
+import gc, os, sys, threading, time
+out, state = sys.argv[1], [0.0, 0, 0.0]
+def on_gc(phase, info):  # runs in the collecting thread: its CPU time brackets the pause
+    if phase == "start":
+        state[2] = time.thread_time()
+    else:
+        state[0] += time.thread_time() - state[2]
+        state[1] += 1
+gc.callbacks.append(on_gc)
+def dump():
+    while True:
+        time.sleep(0.2)
+        with open(out + ".tmp", "w") as f:
+            f.write(f"{state[0]} {state[1]}")
+        os.replace(out + ".tmp", out)
+threading.Thread(target=dump, daemon=True, name="gc-dump").start()
+sys.argv = ["chunkstitch", "worker"]
+from processor.cli import main
+main()
+"""
+"""``python -m processor worker`` with the collector's own CPU time counted (gc.callbacks),
+written to a file five times a second: GC measured without the sampler."""
 
 
 def _frame_path(frame: str) -> str:
@@ -92,27 +124,45 @@ def classify(frames: list[str]) -> tuple[str, str]:
     return OTHER, frames[-1] if frames else "?"
 
 
-def breakdown(raw: Path) -> tuple[collections.Counter[str], dict[str, collections.Counter[str]]]:
-    """Samples per bucket, and per bucket the deciding frames, from py-spy's raw output."""
-    buckets: collections.Counter[str] = collections.Counter()
+def breakdown(
+    raw: Path,
+) -> tuple[dict[str, collections.Counter[str]], dict[str, collections.Counter[str]]]:
+    """Samples per thread and bucket, and per bucket the deciding frames (py-spy raw)."""
+    per_thread: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     detail: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-    threads: collections.Counter[str] = collections.Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         frames = stack.split(";")
+        thread = "all"
         if frames and frames[0].startswith("thread ("):
-            threads[frames[0].split(": ", 1)[-1]] += int(count)
+            thread = frames[0].split(": ", 1)[-1]
             frames = frames[1:]
+            if thread == "gc-dump":
+                continue  # the GC figure's own writer, not the worker
         bucket, frame = classify(frames)
-        buckets[bucket] += int(count)
+        per_thread[thread][bucket] += int(count)
         detail[bucket][frame] += int(count)
-    detail["_threads"] = threads
-    return buckets, detail
+    return per_thread, detail
 
 
-def profile(streams: int, rate: int, native: bool, extra_env: dict[str, str], tmp: Path) -> None:
+def _gc_seconds(path: Path) -> tuple[float, int]:
+    try:
+        seconds, count = path.read_text().split()
+        return float(seconds), int(count)
+    except (OSError, ValueError):
+        return 0.0, 0
+
+
+def profile(
+    streams: int,
+    rate: int,
+    native: bool,
+    nonblocking: bool,
+    extra_env: dict[str, str],
+    tmp: Path,
+) -> None:
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if spy is None:
         raise SystemExit("py-spy not found: install the dev extras (./dev install) or pip it")
@@ -122,12 +172,22 @@ def profile(streams: int, rate: int, native: bool, extra_env: dict[str, str], tm
         settings = _settings(broker.bootstrap, tmp, web_port=free_port())
         asyncio.run(create_topics(settings))
         asyncio.run(_preload(broker.bootstrap, settings.topic_chunks, records))
-        proc = _worker(settings, tmp / "worker.log", extra_env)
+        gc_file = tmp / "gc.txt"
+        log = (tmp / "worker.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", GC_WRAPPER, str(gc_file)],
+            env={**os.environ, **settings.to_env(), **extra_env},
+            stdout=log,
+            stderr=log,
+        )
         t0 = _wait_ready(_http_ready(settings.web_port), proc)
+        gc0 = _gc_seconds(gc_file)
         cmd = [spy, "record", "--pid", str(proc.pid), "--format", "raw", "--output", str(raw)]
         cmd += ["--threads", "--full-filenames", "--rate", str(rate)]
         if native:
             cmd.append("--native")
+        if nonblocking:
+            cmd.append("--nonblocking")
         sampler = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         cpu0 = _cpu_s(proc.pid)
         try:
@@ -135,6 +195,8 @@ def profile(streams: int, rate: int, native: bool, extra_env: dict[str, str], tm
                 _count_until(broker.bootstrap, settings.topic_responses, streams, timeout_s=900)
             )
             cpu1 = _cpu_s(proc.pid)
+            time.sleep(0.3)
+            gc1 = _gc_seconds(gc_file)
         finally:
             sampler.send_signal(signal.SIGINT)
             try:
@@ -150,28 +212,47 @@ def profile(streams: int, rate: int, native: bool, extra_env: dict[str, str], tm
             "root or set kernel.yama.ptrace_scope=0"
         )
     n = len(records)
-    buckets, detail = breakdown(raw)
+    per_thread, detail = breakdown(raw)
+    buckets: collections.Counter[str] = collections.Counter()
+    for counts in per_thread.values():
+        buckets.update(counts)
     waiting = buckets.pop(WAIT, 0)
     total = sum(buckets.values())
     cpu = cpu1 - cpu0
+    gc_s, gc_n = gc1[0] - gc0[0], gc1[1] - gc0[1]
+    mode = ("native" if native else "Python frames") + (", nonblocking" if nonblocking else "")
     print(
-        f"worker under py-spy ({rate} Hz{', native' if native else ''}): {n:,} records in "
-        f"{t1 - t0:.1f} s = {n / (t1 - t0):,.0f} records/s (slowed by the sampler), "
-        f"{cpu:.1f} s CPU (/proc) = {cpu / n * 1e6:.0f} us/record; {total:,} CPU samples = "
-        f"{total / rate:.1f} s sampled (coverage {total / rate / cpu * 100:.0f}% of the CPU "
-        f"time), {waiting:,} more samples waiting for the GIL or in epoll (left out)"
+        f"worker under py-spy ({rate} Hz, {mode}): {n:,} records in {t1 - t0:.1f} s = "
+        f"{n / (t1 - t0):,.0f} records/s (slowed by the sampler), {cpu:.1f} s CPU (/proc) = "
+        f"{cpu / n * 1e6:.0f} us/record"
     )
-    threads = detail.pop("_threads")
-    print("samples per thread: " + ", ".join(f"{t} {c:,}" for t, c in threads.most_common()))
-    print("\n| where | % of CPU samples | us/record |\n|---|---:|---:|")
+    print(
+        f"{total:,} samples on a CPU or runnable = {total / rate:.1f} s "
+        f"({total / rate / cpu * 100:.0f}% of the CPU time: above 100% when the machine is "
+        f"contended, a runnable thread is sampled too); {waiting:,} samples waiting for the "
+        "GIL or in epoll left out"
+    )
+    print(
+        f"garbage collection by gc.callbacks (no sampler): {gc_n:,} collections, "
+        f"{gc_s:.2f} s CPU = {gc_s / cpu * 100:.1f}% of the worker's CPU"
+    )
+    threads = sorted(per_thread, key=lambda t: -sum(per_thread[t].values()))
+    for bucket in [b for b, _ in BUCKETS] + [GC, SYSCALL, OTHER]:
+        buckets.setdefault(bucket, 0)
+    head = " | ".join(f"{t} %" for t in threads)
+    print(f"\n| where | % of CPU samples | us/record | {head} |")
+    print("|---|---:|---:|" + "---:|" * len(threads))
     for bucket, count in buckets.most_common():
         share = count / total
-        print(f"| {bucket} | {share * 100:.1f}% | {share * cpu / n * 1e6:.0f} |")
+        cols = " | ".join(f"{per_thread[t][bucket] / total * 100:.1f}" for t in threads)
+        print(f"| {bucket} | {share * 100:.1f}% | {share * cpu / n * 1e6:.0f} | {cols} |")
+    print("(us/record: the share times the measured CPU per record)")
     print("\ntop deciding frames per bucket:")
     for bucket, count in buckets.most_common():
-        top = detail[bucket].most_common(5)
+        if not count:
+            continue
         print(f"  {bucket} ({count:,} samples)")
-        for frame, c in top:
+        for frame, c in detail[bucket].most_common(5):
             print(f"    {c / total * 100:5.1f}%  {_short(frame)}")
     print(f"\nraw samples: {raw}")
 
@@ -185,7 +266,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--streams", type=int, default=2000, help="streams of 20 chunks")
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     parser.add_argument(
-        "--no-native", action="store_true", help="Python frames only (GC not visible then)"
+        "--no-native", action="store_true", help="Python frames only (GC not sampled then)"
+    )
+    parser.add_argument(
+        "--nonblocking",
+        action="store_true",
+        help="do not pause the worker per sample (less slowdown; implies --no-native)",
     )
     parser.add_argument(
         "--set",
@@ -203,5 +289,6 @@ def main(argv: list[str]) -> None:
         extra[name] = value
     tmp = Path(tempfile.mkdtemp(prefix="chunkstitch-profile-"))
     started = time.monotonic()
-    profile(args.streams, args.rate, not args.no_native, extra, tmp)
+    native = not (args.no_native or args.nonblocking)
+    profile(args.streams, args.rate, native, args.nonblocking, extra, tmp)
     print(f"(whole run {time.monotonic() - started:.0f} s)")
