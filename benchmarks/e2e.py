@@ -22,6 +22,9 @@ Then, for (c): latency from a stream's end marker being published to its respons
 arriving at half of (c)'s median peak (p50/p99) next to the same load through a bare
 consume-and-produce hop, worker memory with 10,000 streams in flight, and chunks/s at 20,
 500 and 5,000 chunks per stream.
+
+``--backlog 5000``: instead, a worker draining a preloaded backlog of 105,000 records with a
+2 s idle timeout; passes when every stream is complete and there is no dead letter.
 """
 
 from __future__ import annotations
@@ -512,6 +515,65 @@ def report_latency(peak: float, tmp: Path, seconds: float, trials: int) -> None:
     )
 
 
+def backlog_check(streams: int, idle_timeout_s: float, partitions: int, tmp: Path) -> None:
+    """A worker catching up on a preloaded backlog many times ``idle timeout x drain rate``
+    long must not declare any stream idle: its next chunks are waiting in the partition.
+    Prints the drain rate and every response status and dead-letter reason."""
+    from aiokafka import TopicPartition
+
+    from processor.kafka import read_to_end
+
+    records = _records(streams, 20, seed=1)
+    with EmbeddedBroker() as broker:
+        settings = _settings(
+            broker.bootstrap,
+            tmp,
+            web_port=free_port(),
+            idle_timeout_s=idle_timeout_s,
+            partitions=partitions,
+        )
+        asyncio.run(create_topics(settings))
+        asyncio.run(_preload(broker.bootstrap, settings.topic_chunks, records))
+        proc = _worker(settings, tmp / "worker-backlog.log")
+        t0 = _wait_ready(_http_ready(settings.web_port), proc)
+        try:
+            t1 = asyncio.run(
+                _count_until(broker.bootstrap, settings.topic_responses, streams, timeout_s=900)
+            )
+            time.sleep(idle_timeout_s + 1)  # late emissions and dead letters, if any
+        finally:
+            _stop(proc)
+
+        def read(topic: str) -> list[Any]:
+            tps = [TopicPartition(topic, i) for i in range(partitions)]
+            return asyncio.run(read_to_end(settings, tps))
+
+        responses, dead = read(settings.topic_responses), read(settings.topic_deadletter)
+    rate = len(records) / (t1 - t0)
+    status: dict[str, int] = {}
+    incomplete_by_partition: dict[int, int] = {}
+    for r in responses:
+        meta = json.loads(r.value)["chunkstitch"]
+        status[meta["status"]] = status.get(meta["status"], 0) + 1
+        if meta["status"] != "complete":
+            part = meta["source"]["partition"]
+            incomplete_by_partition[part] = incomplete_by_partition.get(part, 0) + 1
+    reasons: dict[str, int] = {}
+    for r in dead:
+        reason = json.loads(r.value)["reason"]
+        reasons[reason] = reasons.get(reason, 0) + 1
+    print(
+        f"backlog of {len(records):,} records ({streams:,} streams, {partitions} partitions), "
+        f"idle timeout {idle_timeout_s:g} s: drained at {rate:,.0f} records/s, the backlog is "
+        f"{len(records) / (idle_timeout_s * rate):.1f}x idle timeout x drain rate"
+    )
+    print(f"  responses: {len(responses):,} {status}; dead letters: {len(dead):,} {reasons}")
+    if incomplete_by_partition:
+        print(f"  not complete, by partition: {dict(sorted(incomplete_by_partition.items()))}")
+    ok = status.get("complete", 0) == streams and not dead
+    print(f"  {'PASS' if ok else 'FAIL'}: every stream complete, no dead letter")
+
+
 def _spread(values: list[float], fmt: str) -> str:
     """``median (min to max)`` of the values."""
     med = statistics.median(values)
@@ -577,12 +639,25 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--no-lengths", action="store_true", help="skip the chunks-per-stream comparison"
     )
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=0,
+        metavar="STREAMS",
+        help="only the backlog check: STREAMS x 21 records preloaded (5000: 105,000), "
+        "no stream may be declared idle",
+    )
+    parser.add_argument("--backlog-idle-s", type=float, default=2.0, help="its idle timeout")
+    parser.add_argument("--backlog-partitions", type=int, default=4, help="its partitions")
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     tmp = Path(tempfile.mkdtemp(prefix="chunkstitch-bench-"))
+    if args.backlog:
+        backlog_check(args.backlog, args.backlog_idle_s, args.backlog_partitions, tmp)
+        return
     if args.peak:
         report_latency(args.peak, tmp, args.latency_seconds, args.latency_trials)
         return
