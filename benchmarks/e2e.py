@@ -11,8 +11,9 @@ preloaded with the same chunk records:
       (and (c') without usage rollups).
 
 The variants run in interleaved rounds (a, b, q, c, c' per round, ``--rounds`` of them), so
-that the machine's drift hits every variant alike; medians and the spread (min-max) are
-reported, and the ratios c/a, c/b and c/q per round. Each variant is a separate process;
+that the machine's drift hits every variant alike; medians and the spread (min to max) are
+reported, and the ratios c/a, c/b and c/q per round. The passthroughs forward key, value
+and headers unchanged (the worker reads the headers). Each variant is a separate process;
 throughput = records / (time from the process being ready to its last output). CPU per
 record = the process's CPU time (user + system, all threads, from /proc) over that window
 divided by the records, and the broker's CPU over the same window beside it (it also serves
@@ -63,7 +64,7 @@ dst = app.topic(sys.argv[3], value_type=bytes, key_type=bytes, internal=False)
 @app.agent(src)
 async def forward(stream):
     async for event in stream.events():
-        await dst.send(key=event.key, value=event.value)
+        await dst.send(key=event.key, value=event.value, headers=event.message.headers)
 
 @app.page("/readyz")
 async def ready(web, request):
@@ -87,7 +88,8 @@ async def main():
     while True:
         batch = await c.getmany(timeout_ms=200, max_records=1000)
         recs = [r for part in batch.values() for r in part]
-        futs = [await p.send(sys.argv[3], r.value, key=r.key) for r in recs]
+        futs = [await p.send(sys.argv[3], r.value, key=r.key, headers=list(r.headers))
+                for r in recs]
         if futs:
             await asyncio.gather(*futs)
             await c.commit()
