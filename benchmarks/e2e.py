@@ -14,7 +14,8 @@ The variants run in interleaved rounds (a, b, q, c, c' per round, ``--rounds`` o
 that the machine's drift hits every variant alike; medians and the spread (min to max) are
 reported, and the ratios c/a, c/b and c/q per round. The passthroughs forward key, value
 and headers unchanged (the worker reads the headers). Each variant is a separate process;
-throughput = records / (time from the process being ready to its last output). CPU per
+throughput = records / (time from the process being ready to its last output); the time
+from ready to the first output is shown beside it (start-up work after "ready"). CPU per
 record = the process's CPU time (user + system, all threads, from /proc) over that window
 divided by the records, and the broker's CPU over the same window beside it (it also serves
 the benchmark's own reader of the output topic).
@@ -77,14 +78,20 @@ if __name__ == "__main__":
 
 AIOKAFKA_PASSTHROUGH = """
 import asyncio, sys
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+class Ready(ConsumerRebalanceListener):  # ready once partitions are assigned, as the others
+    async def on_partitions_revoked(self, revoked):
+        pass
+    async def on_partitions_assigned(self, assigned):
+        if assigned:
+            print("ready", flush=True)
 async def main():
-    c = AIOKafkaConsumer(sys.argv[2], bootstrap_servers=sys.argv[1], group_id="bench-raw",
+    c = AIOKafkaConsumer(bootstrap_servers=sys.argv[1], group_id="bench-raw",
                          auto_offset_reset="earliest", session_timeout_ms=3000,
                          heartbeat_interval_ms=500)
+    c.subscribe([sys.argv[2]], listener=Ready())
     p = AIOKafkaProducer(bootstrap_servers=sys.argv[1], acks="all", linger_ms=5)
     await c.start(); await p.start()
-    print("ready", flush=True)
     while True:
         batch = await c.getmany(timeout_ms=200, max_records=1000)
         recs = [r for part in batch.values() for r in part]
@@ -203,27 +210,35 @@ async def _preload(broker: str, topic: str, records: list[Any]) -> None:
         await p.stop()
 
 
-async def _count_until(broker: str, topic: str, n: int, timeout_s: float) -> float:
-    """Wait until ``n`` records are on ``topic``; the monotonic time the last one was seen."""
+async def _count_until(broker: str, topic: str, n: int, timeout_s: float) -> tuple[float, float]:
+    """Wait until ``n`` records are on ``topic``; the monotonic times the first and the last
+    were seen. The reader asks every 10 ms: the embedded broker holds a fetch at the end of
+    a partition for its whole wait, which would round the end time up by that much."""
     c = AIOKafkaConsumer(
-        topic, bootstrap_servers=broker, auto_offset_reset="earliest", group_id=None
+        topic,
+        bootstrap_servers=broker,
+        auto_offset_reset="earliest",
+        group_id=None,
+        fetch_max_wait_ms=10,
     )
     await c.start()
     seen = 0
-    last = time.monotonic()
+    first = last = time.monotonic()
     deadline = last + timeout_s
     try:
         while seen < n and time.monotonic() < deadline:
             batch = await c.getmany(timeout_ms=100, max_records=5000)
             got = sum(len(r) for r in batch.values())
             if got:
+                if not seen:
+                    first = time.monotonic()
                 seen += got
                 last = time.monotonic()
     finally:
         await c.stop()
     if seen < n:
         raise TimeoutError(f"only {seen} of {n} records reached {topic} within {timeout_s}s")
-    return last
+    return first, last
 
 
 def _wait_ready(
@@ -343,7 +358,9 @@ def run_variant(variant: str, streams: int, chunks: int, tmp: Path) -> dict[str,
         broker_pid = broker._proc.pid  # type: ignore[union-attr]
         cpu0, broker0 = _cpu_s(proc.pid), _cpu_s(broker_pid)
         try:
-            t1 = asyncio.run(_count_until(broker.bootstrap, out_topic, expected, timeout_s=600))
+            first, t1 = asyncio.run(
+                _count_until(broker.bootstrap, out_topic, expected, timeout_s=600)
+            )
             cpu1, broker1 = _cpu_s(proc.pid), _cpu_s(broker_pid)
             rss = _rss_mb(proc.pid)
         finally:
@@ -353,6 +370,7 @@ def run_variant(variant: str, streams: int, chunks: int, tmp: Path) -> dict[str,
         "records": n,
         "seconds": t1 - t0,
         "rate": n / (t1 - t0),
+        "first_s": first - t0,
         "cpu_us": (cpu1 - cpu0) / n * 1e6,
         "broker_cpu_us": (broker1 - broker0) / n * 1e6,
         "rss_mb": rss,
@@ -539,7 +557,7 @@ def backlog_check(streams: int, idle_timeout_s: float, partitions: int, tmp: Pat
         proc = _worker(settings, tmp / "worker-backlog.log")
         t0 = _wait_ready(_http_ready(settings.web_port), proc)
         try:
-            t1 = asyncio.run(
+            _, t1 = asyncio.run(
                 _count_until(broker.bootstrap, settings.topic_responses, streams, timeout_s=900)
             )
             time.sleep(idle_timeout_s + 1)  # late emissions and dead letters, if any
@@ -592,14 +610,18 @@ def report_throughput(
         f"\nthroughput, {rounds} interleaved round(s) on {records:,} records each, "
         "median (min to max):"
     )
-    print("| variant | records/s | CPU us/record | broker CPU us/record | rounds |")
-    print("|---|---:|---:|---:|---|")
+    print(
+        "| variant | records/s | CPU us/record | broker CPU us/record | ready -> first output s "
+        "| records/s by round |"
+    )
+    print("|---|---:|---:|---:|---:|---|")
     for variant, runs in results.items():
         rates = ", ".join(f"{r['rate']:,.0f}" for r in runs)
         print(
             f"| {VARIANTS[variant]} | {_spread([r['rate'] for r in runs], ',.0f')} "
             f"| {_spread([r['cpu_us'] for r in runs], '.0f')} "
-            f"| {_spread([r['broker_cpu_us'] for r in runs], '.0f')} | {rates} |"
+            f"| {_spread([r['broker_cpu_us'] for r in runs], '.0f')} "
+            f"| {_spread([r['first_s'] for r in runs], '.2f')} | {rates} |"
         )
     c = results.get("worker")
     if c:
@@ -672,7 +694,8 @@ def main(argv: list[str]) -> None:
             results[variant].append(r)
             print(
                 f"  {r['rate']:,.0f} records/s, {r['cpu_us']:.0f} us CPU/record, "
-                f"broker {r['broker_cpu_us']:.0f} us/record, {r['rss_mb']:.0f} MB RSS",
+                f"broker {r['broker_cpu_us']:.0f} us/record, first output after "
+                f"{r['first_s']:.2f} s, {r['rss_mb']:.0f} MB RSS",
                 flush=True,
             )
     peak = report_throughput(results, args.rounds, records)

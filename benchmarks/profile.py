@@ -50,7 +50,11 @@ BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("stitcher (processor/worker/_stitcher.py)", (f"{ROOT}/processor/worker/_stitcher.py",)),
     ("usage rollups (processor/usage)", (f"{ROOT}/processor/usage",)),
     ("topics (headers, schemas)", (f"{ROOT}/topics/",)),
-    ("chunkstitch shell (agent loop, metrics, kafka)", (f"{ROOT}/processor/",)),
+    (
+        "batch ingestion, faust glue (processor/worker/_faust.py)",
+        (f"{ROOT}/processor/worker/_faust",),
+    ),
+    ("chunkstitch shell (agent loop, ledger, metrics, kafka)", (f"{ROOT}/processor/",)),
     ("logging (structlog, logging)", ("/structlog/", "/logging/")),
     ("faust + mode (per-event machinery)", ("/site-packages/faust/", "/site-packages/mode/")),
     ("aiokafka (client, protocol)", ("/site-packages/aiokafka/", "/site-packages/kafka/")),
@@ -191,7 +195,7 @@ def profile(
         sampler = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         cpu0 = _cpu_s(proc.pid)
         try:
-            t1 = asyncio.run(
+            _, t1 = asyncio.run(
                 _count_until(broker.bootstrap, settings.topic_responses, streams, timeout_s=900)
             )
             cpu1 = _cpu_s(proc.pid)
