@@ -7,8 +7,13 @@ streams with end markers, about 50 live at a time), starts the worker of this ch
 one bucket: walking from the innermost frame outwards, the first frame that belongs to a
 bucket's code decides (so pydantic validation called by the core counts as core, json
 called by aiokafka as aiokafka, a C-level asyncio task step as the asyncio loop); any
-stack with the interpreter's collector in it (``gc_collect_main``) is GC. Only samples of
-running threads are taken (py-spy drops idle ones), so the shares are shares of CPU.
+stack with the interpreter's collector in it (``gc_collect_main``) is GC. py-spy drops idle
+threads, but with native frames it counts a thread blocked on the GIL or in epoll_wait as
+running: those samples are set apart, so the shares are shares of CPU (a thread that is
+runnable but not scheduled is still sampled: on a contended machine the samples add up to
+more than the CPU time, which is printed as the coverage). The us/record column is each
+share times the CPU per record measured from /proc. GC is also measured without the
+sampler: the worker runs under a small wrapper that times every collection (gc.callbacks).
 
     ./dev bench profile [--streams 2000] [--rate 100] [--set CHUNKSTITCH_X=1 ...]
 
