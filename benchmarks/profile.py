@@ -79,6 +79,10 @@ _WAITS = (
     "select_epoll",
     "clock_nanosleep",
     "time_sleep",
+    "PyThread_acquire_lock_timed",  # threading.Lock / Event.wait in another thread
+    "sem_wait",
+    "sem_timedwait",
+    "sem_clockwait",
 )
 _SYSCALLS = ("send ", "sendto ", "sendmsg ", "recv ", "recvfrom ", "recvmsg ", "write ", "read ")
 
