@@ -70,7 +70,7 @@ BUCKETS: list[tuple[str, tuple[str, ...]]] = [
 GC = "garbage collection"
 SYSCALL = "socket syscalls (kernel send/recv)"
 OTHER = "other"
-WAIT = "waiting (for the GIL, in epoll): not CPU"
+WAIT = "waiting (GIL, epoll, locks, sleep): not CPU"
 _WAITS = (
     "pthread_cond_timedwait",
     "pthread_cond_wait",
@@ -243,7 +243,7 @@ def profile(
         f"{total:,} samples on a CPU or runnable = {total / rate:.1f} s "
         f"({total / rate / cpu * 100:.0f}% of the CPU time: above 100% when the machine is "
         f"contended, a runnable thread is sampled too); {waiting:,} samples waiting for the "
-        "GIL or in epoll left out"
+        "GIL, in epoll, on a lock or asleep left out"
     )
     print(
         f"garbage collection by gc.callbacks (no sampler): {gc_n:,} collections, "
