@@ -6,7 +6,8 @@ import asyncio
 import socket
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -20,6 +21,8 @@ __all__ = [
     "connection_error",
     "describe_error",
     "probe_broker",
+    "ReadProgress",
+    "end_offsets",
     "read_to_end",
     "unreachable_message",
 ]
@@ -172,18 +175,58 @@ async def connection_error(settings: Settings, exc: BaseException) -> BrokerUnre
     return None
 
 
+async def end_offsets(
+    settings: Settings, tps: Iterable[TopicPartition]
+) -> dict[TopicPartition, int]:
+    """ListOffsets(latest) of the partitions. On the embedded broker this can be the start
+    of the last batch plus one (see :func:`read_to_end`): good as a place to start reading
+    the newest records from, not as the end."""
+    parts = list(tps)
+    consumer: AIOKafkaConsumer = AIOKafkaConsumer(
+        **settings.kafka_kwargs(), enable_auto_commit=False, group_id=None
+    )
+    try:
+        await consumer.start()
+    except Exception as exc:
+        await asyncio.shield(consumer.stop())  # else "Unclosed AIOKafkaConsumer" at exit
+        problem = await connection_error(settings, exc)
+        if problem is None:
+            raise
+        raise problem from exc
+    try:
+        ends: dict[TopicPartition, int] = await consumer.end_offsets(parts)
+        return ends
+    except KafkaError as exc:
+        raise BrokerUnreachable(unreachable_message(settings, exc)) from exc
+    finally:
+        await asyncio.shield(consumer.stop())
+
+
 async def read_to_end(
     settings: Settings,
     tps: Iterable[TopicPartition],
     *,
     timeout_s: float = 30.0,
+    start: Mapping[TopicPartition, int] | None = None,
+    on_records: Callable[[list[ConsumerRecord[bytes, bytes]]], None] | None = None,
+    on_progress: Callable[[ReadProgress], None] | None = None,
+    progress_every_s: float = 5.0,
 ) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record of the given partitions, from the beginning to the current end.
+    """Every record of the given partitions, from the beginning (or ``start``) to the end.
 
-    The end is the high watermark that the broker returns in *fetch* responses: the
-    embedded broker (Tansu) answers ListOffsets(latest) with the start of the last batch
-    plus one, so ``end_offsets()`` would stop early there. This is the one place that
-    knows; on Apache Kafka both agree.
+    The end of each partition is its high watermark when the read reached it first, as
+    the broker returns it in *fetch* responses: the embedded broker (Tansu) answers
+    ListOffsets(latest) with the start of the last batch plus one, so ``end_offsets()``
+    would stop early there. This is the one place that knows; on Apache Kafka both agree.
+    Records produced after that are left to the caller's live consumer, so a busy topic
+    cannot keep the read going forever.
+
+    No fixed deadline that the data could outgrow: the read gives up (``TimeoutError``)
+    only when it makes **no progress** (no record, no partition finished) for
+    ``timeout_s``. A long read reports its progress every ``progress_every_s`` to
+    ``on_progress`` (default: an info log line). With ``on_records`` the records are
+    handed over batch by batch and not kept (the result is then empty): memory stays
+    bounded by one fetch.
     """
     parts = list(tps)
     if not parts:
@@ -204,28 +247,86 @@ async def read_to_end(
             raise
         raise problem from exc
     out: list[ConsumerRecord[bytes, bytes]] = []
+    progress = ReadProgress(partitions=len(parts))
     try:
         consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
+        starts = dict(start or {})
+        from_beginning = [tp for tp in parts if tp not in starts]
+        if from_beginning:
+            await consumer.seek_to_beginning(*from_beginning)
+        for tp, offset in starts.items():
+            consumer.seek(tp, max(offset, 0))
         remaining = set(parts)
-        deadline = time.monotonic() + timeout_s
+        targets: dict[TopicPartition, int] = {}
+        began = last_progress = last_report = time.monotonic()
         while remaining:
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now - last_progress > timeout_s:
                 raise TimeoutError(
-                    f"reading {sorted(str(tp) for tp in remaining)} to its end took longer "
-                    f"than {timeout_s:.0f}s; is the broker at {settings.broker} overloaded?"
+                    f"reading {sorted(str(tp) for tp in remaining)} to its end made no "
+                    f"progress for {timeout_s:.0f}s (after {progress.records} records); "
+                    f"is the broker at {settings.broker} overloaded or unreachable?"
                 )
             batch: dict[Any, list[ConsumerRecord[bytes, bytes]]] = await consumer.getmany(
                 *remaining, timeout_ms=200
             )
-            for records in batch.values():
-                out.extend(records)
+            for tp, records in batch.items():
+                target = targets.get(tp)
+                if target is not None:
+                    records = [r for r in records if r.offset < target]
+                if not records:
+                    continue
+                progress.records += len(records)
+                last_progress = time.monotonic()
+                if on_records is not None:
+                    on_records(records)
+                else:
+                    out.extend(records)
             for tp in list(remaining):
                 highwater = consumer.highwater(tp)
-                if highwater is not None and await consumer.position(tp) >= highwater:
+                if highwater is None:
+                    continue
+                target = targets.setdefault(tp, highwater)
+                if await consumer.position(tp) >= target:
                     remaining.discard(tp)
+                    progress.done += 1
+                    last_progress = time.monotonic()
+            behind = 0
+            for tp in remaining:
+                if tp in targets:
+                    behind += max(targets[tp] - await consumer.position(tp), 0)
+            progress.behind = behind
+            now = time.monotonic()
+            if remaining and now - last_report >= progress_every_s:
+                last_report = now
+                progress.elapsed_s = now - began
+                (on_progress or _log_progress)(progress)
     except KafkaError as exc:
         raise BrokerUnreachable(unreachable_message(settings, exc)) from exc
     finally:
         await asyncio.shield(consumer.stop())
     return out
+
+
+@dataclass
+class ReadProgress:
+    """How far a :func:`read_to_end` has come (passed to its ``on_progress``)."""
+
+    partitions: int
+    done: int = 0
+    records: int = 0
+    behind: int = 0
+    """Records still to read to the targets known so far."""
+    elapsed_s: float = 0.0
+
+
+def _log_progress(progress: ReadProgress) -> None:
+    from processor.logs import get_logger
+
+    get_logger("chunkstitch.kafka").info(
+        "long read in progress",
+        partitions_done=f"{progress.done}/{progress.partitions}",
+        records=progress.records,
+        behind=progress.behind,
+        elapsed_s=round(progress.elapsed_s, 1),
+    )

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 __all__ = [
     "CHUNKS",
@@ -17,10 +27,22 @@ __all__ = [
     "REPLAY_SKIPPED",
     "TOKENS",
     "TTFC",
+    "USAGE_CHECKPOINTS",
+    "USAGE_COMPLETIONS",
+    "USAGE_DEDUP_IDS",
+    "USAGE_LATE",
+    "USAGE_OPEN_BUCKETS",
+    "USAGE_RECOVERY",
     "render",
 ]
 
+# No ``*_created`` series (one per labelled child: noise that doubles the series count).
+disable_created_metrics()  # type: ignore[no-untyped-call]
 REGISTRY = CollectorRegistry(auto_describe=True)
+# Process (RSS, CPU, open fds), GC and platform figures next to chunkstitch's own.
+ProcessCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
 
 CHUNKS = Counter(
     "chunkstitch_chunks_consumed", "Chunk records consumed by the worker.", registry=REGISTRY
@@ -69,8 +91,44 @@ LAG = Gauge(
 TOKENS = Counter(
     "chunkstitch_tokens",
     "Tokens of finished responses by tenant, model, provider and kind (prompt/completion); "
-    "label combinations beyond CHUNKSTITCH_METRICS_LABEL_CAP are counted as 'other'.",
+    "label combinations beyond CHUNKSTITCH_METRICS_LABEL_CAP are counted as 'other'. "
+    "Counted when a worker folds a response into its usage state for the first time "
+    "(a rebuild after a restart counts what the dead process had not checkpointed).",
     ["tenant", "model", "provider", "kind"],
+    registry=REGISTRY,
+)
+USAGE_COMPLETIONS = Counter(
+    "chunkstitch_usage_completions",
+    "Finished responses folded into the usage rollups, by status (with or without usage).",
+    ["status"],
+    registry=REGISTRY,
+)
+USAGE_LATE = Counter(
+    "chunkstitch_usage_late_completions",
+    "Completions counted after their window closed (published as late increments); "
+    "reason 'implausible' when the event time was before 2000 or far ahead of the record.",
+    ["reason"],
+    registry=REGISTRY,
+)
+USAGE_CHECKPOINTS = Counter(
+    "chunkstitch_usage_checkpoints",
+    "Usage checkpoints written (after the rollups they reflect were acknowledged).",
+    registry=REGISTRY,
+)
+USAGE_RECOVERY = Histogram(
+    "chunkstitch_usage_recovery_seconds",
+    "Time to restore one responses partition's usage state (checkpoint + catch-up).",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+    registry=REGISTRY,
+)
+USAGE_OPEN_BUCKETS = Gauge(
+    "chunkstitch_usage_open_buckets",
+    "Open usage buckets held in memory (windows within the late grace).",
+    registry=REGISTRY,
+)
+USAGE_DEDUP_IDS = Gauge(
+    "chunkstitch_usage_dedup_ids",
+    "Response ids held in the usage dedup horizon (CHUNKSTITCH_USAGE_DEDUP_S).",
     registry=REGISTRY,
 )
 
@@ -78,13 +136,15 @@ TOKENS = Counter(
 _LATENCY_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TTFC = Histogram(
     "chunkstitch_time_to_first_chunk_seconds",
-    "Request start to first chunk, of finished responses (when the publisher sent the start).",
+    "Request start to first chunk, of every finished response that has it, by status.",
+    ["status"],
     buckets=_LATENCY_S,
     registry=REGISTRY,
 )
 DURATION = Histogram(
     "chunkstitch_completion_duration_seconds",
-    "Request start (or first chunk) to last chunk, of finished responses.",
+    "Request start (or first chunk) to last chunk, of every finished response, by status.",
+    ["status"],
     buckets=_LATENCY_S,
     registry=REGISTRY,
 )

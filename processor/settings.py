@@ -161,6 +161,57 @@ class Settings(BaseSettings):
     )
     rollup_late_grace_s: float = Field(default=300.0, ge=0)
     metrics_label_cap: int = Field(default=200, ge=1)
+    # bounded usage state, checkpoints, retention and the read model (bounded-state issue)
+    topic_rollups_hourly: str = Field(
+        default="", description="1-hour rollups; empty: '<topic_rollups>-1h'."
+    )
+    topic_usage_checkpoints: str = Field(
+        default="", description="Usage checkpoints; empty: '<topic_rollups>-checkpoints'."
+    )
+    rollup_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="Publish changed rollups, close windows and checkpoint this often.",
+    )
+    usage_dedup_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="A completion id seen again within this time (of record timestamps) is "
+        "not counted twice; re-read from the responses topic on recovery.",
+    )
+    usage_max_future_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="An event time this far ahead of its record's timestamp (or before "
+        "2000) is implausible: counted as a late increment, never moves stream time.",
+    )
+    usage_view_minutes_s: float = Field(
+        default=6 * 3600.0, gt=0, description="The read model keeps 1-minute rows this long."
+    )
+    usage_query_limit_max: int = Field(default=10_000, ge=1)
+    usage_read_stall_s: float = Field(
+        default=60.0, gt=0, description="A recovery read gives up after this long without progress."
+    )
+    usage_publish_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Rollups and checkpoints not acknowledged within this stop the worker "
+        "(exit 1; it recovers from its last checkpoint).",
+    )
+    retention_chunks_s: float = Field(default=86400.0, gt=0)
+    retention_responses_s: float = Field(default=7 * 86400.0, gt=0)
+    retention_rollups_s: float = Field(default=2 * 86400.0, gt=0)
+    retention_rollups_hourly_s: float = Field(default=400 * 86400.0, gt=0)
+    retention_deadletter_s: float = Field(default=14 * 86400.0, gt=0)
+    retention_ledger_s: float = Field(default=86400.0, gt=0)
+
+    @property
+    def rollups_hourly_topic(self) -> str:
+        return self.topic_rollups_hourly or f"{self.topic_rollups}-1h"
+
+    @property
+    def usage_checkpoints_topic(self) -> str:
+        return self.topic_usage_checkpoints or f"{self.topic_rollups}-checkpoints"
 
     # --- logging -------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -215,6 +266,14 @@ class Settings(BaseSettings):
             deadletter=self.topic_deadletter,
             ledger=self.topic_ledger,
             partitions=self.partitions,
+            rollups_hourly=self.rollups_hourly_topic,
+            usage_checkpoints=self.usage_checkpoints_topic,
+            chunks_retention_ms=int(self.retention_chunks_s * 1000),
+            responses_retention_ms=int(self.retention_responses_s * 1000),
+            rollups_retention_ms=int(self.retention_rollups_s * 1000),
+            rollups_hourly_retention_ms=int(self.retention_rollups_hourly_s * 1000),
+            deadletter_retention_ms=int(self.retention_deadletter_s * 1000),
+            ledger_retention_ms=int(self.retention_ledger_s * 1000),
         )
 
     def kafka_kwargs(self) -> dict[str, object]:

@@ -40,7 +40,13 @@ from topics._response import (
     Status,
     ToolCall,
 )
-from topics._usage import LATENCY_BUCKETS_MS, UsageKey, UsageRollup, UsageTotals
+from topics._usage import (
+    LATENCY_BUCKETS_MS,
+    UsageCheckpoint,
+    UsageKey,
+    UsageRollup,
+    UsageTotals,
+)
 
 __all__ = [
     "DEADLETTER_VALUE_MAX",
@@ -77,6 +83,7 @@ __all__ = [
     "ToolCallDelta",
     "TopicNames",
     "TopicSpec",
+    "UsageCheckpoint",
     "UsageKey",
     "UsageRollup",
     "UsageTotals",

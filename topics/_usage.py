@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["LATENCY_BUCKETS_MS", "UsageKey", "UsageRollup", "UsageTotals"]
+__all__ = [
+    "LATENCY_BUCKETS_MS",
+    "UsageCheckpoint",
+    "UsageKey",
+    "UsageRollup",
+    "UsageTotals",
+]
 
 LATENCY_BUCKETS_MS: tuple[int, ...] = (
     10,
@@ -44,8 +50,14 @@ class UsageKey(BaseModel):
     late: bool = False
     """Counted after the window's late-data grace had passed (kept apart, never dropped)."""
 
-    def record_key(self, source_partition: int | None = None) -> str:
-        """``window_start|window_ms|tenant|model|provider|status|late[|partition]``."""
+    def record_key(
+        self, source_partition: int | None = None, source_offset: int | None = None
+    ) -> str:
+        """``window_start|window_ms|tenant|model|provider|status|late[|partition[|offset]]``.
+
+        A late increment (a completion counted after its window closed) carries the
+        source offset of that completion: its own key, never overwriting the window's
+        final total nor another late increment."""
         parts = [
             str(self.window_start_ms),
             str(self.window_ms),
@@ -57,6 +69,8 @@ class UsageKey(BaseModel):
         ]
         if source_partition is not None:
             parts.append(str(source_partition))
+            if source_offset is not None:
+                parts.append(str(source_offset))
         return "|".join(parts)
 
 
@@ -90,6 +104,11 @@ class UsageRollup(BaseModel):
 
     key: UsageKey
     source_partition: int | None = None
+    source_offset: int | None = None
+    """Set on a late increment: the offset of the one completion it counts."""
+    final: bool = False
+    """The window has closed on its source partition: these totals never change again
+    (late data beyond the grace arrives as separate increments)."""
     totals: UsageTotals
     ttfc_ms_p50: int | None = None
     ttfc_ms_p95: int | None = None
@@ -99,3 +118,27 @@ class UsageRollup(BaseModel):
     duration_ms_p99: int | None = None
     output_tokens_per_s: float | None = None
     cost_usd: float = 0.0
+
+
+class UsageCheckpoint(BaseModel):
+    """The usage fold of one responses partition, and the source offset it reflects.
+
+    Written to the checkpoint topic (compacted, key = partition) after every rollup it
+    accounts for is acknowledged. Recovery loads it, re-reads the responses in
+    ``[dedup_from_offset, next_offset)`` for their ids only (the dedup horizon, bounded in
+    time) and folds the responses from ``next_offset`` on.
+    """
+
+    version: int = 1
+    source_topic: str
+    source_partition: int
+    next_offset: int
+    """The first responses offset NOT reflected in this state."""
+    stream_time_ms: int
+    dedup_from_offset: int
+    dedup_latest_ts_ms: int = 0
+    buckets: list[tuple[UsageKey, tuple[int | tuple[int, ...], ...]]] = Field(default_factory=list)
+    """Open buckets: key and the totals' values in ``UsageTotals.model_fields`` order."""
+    counted: int = 0
+    invalid: int = 0
+    late: int = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-__all__ = ["rollup_schema"]
+__all__ = ["checkpoint_schema", "rollup_schema"]
 
 
 def rollup_schema() -> type[BaseModel] | None:
@@ -15,3 +15,10 @@ def rollup_schema() -> type[BaseModel] | None:
         return None
     model: type[BaseModel] = UsageRollup
     return model
+
+
+def checkpoint_schema() -> type[BaseModel]:
+    """The usage-checkpoint value model."""
+    from topics._usage import UsageCheckpoint
+
+    return UsageCheckpoint

@@ -52,8 +52,12 @@ def time_ms(option: str, text: str | None, now_s: float | None = None) -> int | 
 
 
 def iso_utc(epoch_ms: int) -> str:
-    """A window start as ISO-8601 in UTC, to the minute: ``2026-12-02T01:00Z``."""
-    return datetime.fromtimestamp(epoch_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%MZ")
+    """A window start as ISO-8601 in UTC, to the minute: ``2026-12-02T01:00Z``; one a
+    calendar cannot show (rollups may hold any timestamp) as ``@<ms>ms``, never an error."""
+    try:
+        return datetime.fromtimestamp(epoch_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%MZ")
+    except (OverflowError, OSError, ValueError):
+        return f"@{epoch_ms}ms"
 
 
 def latency_bound(buckets: list[int] | tuple[int, ...], q: float) -> str:
@@ -107,6 +111,7 @@ def usage(
         str | None,
         typer.Option(metavar="STATUS", help="Only this status: complete, incomplete or error."),
     ] = None,
+    limit: Annotated[int, typer.Option(metavar="N", help="At most N rows.")] = 10_000,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     broker: BrokerOption = None,
 ) -> None:
@@ -115,7 +120,7 @@ def usage(
     Window times are UTC (ISO-8601). Latency is kept as a histogram: 'ttfc p95 <= 10 ms'
     means the 95th percentile of the time to first chunk lies in the bucket up to 10 ms.
     """
-    from processor.usage import aggregate, read_rollups
+    from processor.usage import QueryError, query_rollups
 
     # Every option is checked before connecting.
     since_ms, until_ms = time_ms("--since", since), time_ms("--until", until)
@@ -128,19 +133,23 @@ def usage(
         fail(f"--status {status!r} is not a status; use complete, incomplete or error")
     settings = load_settings(broker=broker)
     quiet_kafka_logs()
-    with broker_errors():
-        rollups = asyncio.run(read_rollups(settings))
+    params = {
+        "since": since_ms,
+        "until": until_ms,
+        "window": window,
+        "by": ",".join(dims),
+        "tenant": tenant,
+        "status": status,
+        "limit": limit,
+    }
     try:
-        rows = aggregate(
-            rollups,
-            window=window,
-            by=dims,
-            since_ms=since_ms,
-            until_ms=until_ms,
-            filters={"tenant": tenant or "", "status": status or ""},
-        )
-    except ValueError as exc:
+        with broker_errors():
+            page = asyncio.run(query_rollups(settings, params))
+    except (QueryError, TimeoutError) as exc:
         fail(str(exc))
+    rows = page["rows"]
+    if page["next_cursor"] is not None:
+        typer.echo(f"only the first {limit} rows: narrow --since/--until or raise --limit", err=True)
     if as_json:
         for row in rows:
             typer.echo(json.dumps(row))

@@ -1,7 +1,26 @@
-"""Usage rollups: the worker plug-in, and reading rollups back (HTTP and CLI)."""
+"""Usage rollups: the worker plug-in, its bounded state, and the read model (HTTP and CLI)."""
 
-from processor.usage._plugin import register
-from processor.usage._read import DIMENSIONS, aggregate, read_rollups
+from processor.usage._plugin import load_checkpoint, register
 from processor.usage._state import PartitionUsage
+from processor.usage._view import (
+    DIMENSIONS,
+    QueryError,
+    UsageQuery,
+    UsageView,
+    load_view,
+    query_rollups,
+    window_label,
+)
 
-__all__ = ["DIMENSIONS", "PartitionUsage", "aggregate", "read_rollups", "register"]
+__all__ = [
+    "DIMENSIONS",
+    "PartitionUsage",
+    "QueryError",
+    "UsageQuery",
+    "UsageView",
+    "load_checkpoint",
+    "load_view",
+    "query_rollups",
+    "register",
+    "window_label",
+]

@@ -1,30 +1,96 @@
-"""The usage plug-in of the worker: an agent on the responses topic, rollup publishing,
-token metrics, and ``GET /usage``."""
+"""The usage plug-in of the worker: an agent on the responses topic, a publisher timer
+(rollups, then checkpoints), token metrics, the read model and ``GET /usage``.
+
+Per responses partition (``PartitionUsage``, see ``_state.py`` for the bounds):
+
+* **Recovery** after an assignment: the latest checkpoint of the partition (the newest
+  valid record of its checkpoint-topic partition; one record is read, not the history),
+  then one read of the responses partition from the checkpoint's ``dedup_from_offset``:
+  records below ``next_offset`` only refill the dedup horizon, the ones from
+  ``next_offset`` to the end are folded. Then live records continue; any offset below
+  ``next_offset`` (faust's committed offset may be behind or ahead of the checkpoint: a
+  crash between a checkpoint and an offset commit) is dropped by the state itself. The
+  committed offset is therefore never trusted for correctness, only as a starting point.
+* **Publishing** every ``rollup_interval_s``: :meth:`PartitionUsage.drain` closes the
+  windows past the grace (final totals, evicted), takes the changed open buckets and the
+  late increments, and snapshots the checkpoint. The rollups are sent and acknowledged
+  first, then the checkpoint: a checkpoint never describes a state whose rollups are not
+  durable. A crash in between makes recovery start from the older checkpoint and re-send
+  the same records (absolute totals under the same keys, late increments keyed by their
+  offset): harmless.
+* **Revocation** writes a last checkpoint of the revoked partitions before dropping them,
+  so their new owner starts exactly where this worker stopped (and the token counter of
+  each completion is incremented by exactly one live process).
+* **Metrics**: a completion is counted (tokens, completions by status, latency histograms
+  by status) when it is folded into the state for the first time, which includes the
+  catch-up after a restart: what the previous process folded after its last checkpoint
+  died with that process's counters. A Prometheus counter restarts at 0 with its
+  process; ``increase()`` across the restart then covers every completion once.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, cast
 
 import faust
 from faust.web import Request, Response, View
+from pydantic import ValidationError
 
 from processor import metrics
-from processor.core import result
-from processor.kafka import read_to_end
+from processor.core._usage import MINUTE_MS
+from processor.kafka import end_offsets, read_to_end
 from processor.logs import get_logger
 from processor.settings import Settings
-from processor.usage._read import DIMENSIONS, aggregate, read_rollups
 from processor.usage._state import PartitionUsage
-from topics import ChatCompletion
+from processor.usage._view import QueryError, UsageQuery, ViewRunner
+from processor.worker._supervise import supervisor
+from topics import ChatCompletion, UsageCheckpoint
 
-__all__ = ["register"]
+__all__ = ["load_checkpoint", "register"]
 
 log = get_logger("chunkstitch.usage")
 
 
+async def load_checkpoint(settings: Settings, partition: int) -> UsageCheckpoint | None:
+    """The newest valid checkpoint of a responses partition (None: there is none yet).
+
+    Reads back from the end: the last record first (on Kafka compaction keeps one per
+    key anyway; the embedded broker never compacts, so reading the partition from its
+    beginning would grow with history), further back only if that one is unusable."""
+    from aiokafka import TopicPartition
+
+    tp = TopicPartition(settings.usage_checkpoints_topic, partition)
+    end = (await end_offsets(settings, [tp])).get(tp, 0)
+    back = 1
+    while True:
+        start = max(end - back, 0)
+        found: UsageCheckpoint | None = None
+        for rec in await read_to_end(
+            settings, [tp], start={tp: start}, timeout_s=settings.usage_read_stall_s
+        ):
+            if rec.value is None or rec.key != str(partition).encode():
+                continue
+            try:
+                cp = UsageCheckpoint.model_validate_json(rec.value)
+            except ValidationError:
+                log.warning(
+                    "usage checkpoint does not validate; looking further back",
+                    partition=partition,
+                    offset=rec.offset,
+                )
+                continue
+            if cp.source_topic == settings.topic_responses and cp.source_partition == partition:
+                found = cp
+        if found is not None or start == 0:
+            return found
+        back *= 16
+
+
 def register(app: faust.App, settings: Settings) -> None:
-    """Add the usage agent, its publishing timer and ``/usage`` to the worker app."""
+    """Add the usage agent, its publisher timer, the read model and ``/usage``."""
+    sup = supervisor(app)
     responses = app.topic(
         settings.topic_responses,
         key_type=bytes,
@@ -34,119 +100,281 @@ def register(app: faust.App, settings: Settings) -> None:
         internal=False,
     )
     grace_ms = int(settings.rollup_late_grace_s * 1000)
+    dedup_ms = int(settings.usage_dedup_s * 1000)
+    future_ms = int(settings.usage_max_future_s * 1000)
     parts: dict[int, PartitionUsage] = {}
     loading: dict[int, asyncio.Task[PartitionUsage]] = {}
-    lock = asyncio.Lock()
+    assigned: set[int] = set()
+    publish_lock = asyncio.Lock()
+    labels_seen: set[tuple[str, str, str]] = set()
+    view = ViewRunner(settings)
 
-    async def rebuild(partition: int) -> PartitionUsage:
+    def count(response: ChatCompletion) -> None:
+        _observe(response, settings.metrics_label_cap, labels_seen)
+
+    async def recover(partition: int) -> PartitionUsage:
         from aiokafka import TopicPartition
 
-        state = PartitionUsage(partition, grace_ms)
-        records = await read_to_end(settings, [TopicPartition(settings.topic_responses, partition)])
-        for rec in records:
-            state.apply(rec.offset, rec.key, rec.value)
-        state.changed = set(state.buckets)  # publish everything once after a rebuild
-        log.info("usage rebuilt", partition=partition, completions=len(state.counted))
+        began = time.monotonic()
+        cp = await load_checkpoint(settings, partition)
+        tp = TopicPartition(settings.topic_responses, partition)
+        if cp is None:
+            state = PartitionUsage(partition, grace_ms, dedup_ms, future_ms, tp.topic)
+            start = None
+        else:
+            state = PartitionUsage.restore(
+                cp, late_grace_ms=grace_ms, dedup_ms=dedup_ms, max_future_ms=future_ms
+            )
+            start = {tp: min(cp.dedup_from_offset, cp.next_offset)}
+        folded = [0, 0]  # re-read for ids, folded
+        restored = [cp is None]
+
+        def fold(records: list[Any]) -> None:
+            for rec in records:
+                if cp is not None and rec.offset < cp.next_offset:
+                    if rec.value is not None:
+                        state.remember(rec.offset, rec.key, rec.timestamp)
+                    folded[0] += 1
+                    continue
+                if not restored[0] and cp is not None:
+                    state.restored(cp)
+                    restored[0] = True
+                response = state.apply(rec.offset, rec.key, rec.value, rec.timestamp)
+                folded[1] += 1
+                if response is not None:
+                    count(response)
+                    _late_note(state, response, rec.offset, settings)
+
+        def progress(p: Any) -> None:
+            log.info(
+                "usage recovery in progress",
+                partition=partition,
+                records=p.records,
+                behind=p.behind,
+                elapsed_s=round(p.elapsed_s, 1),
+            )
+
+        await read_to_end(
+            settings,
+            [tp],
+            timeout_s=settings.usage_read_stall_s,
+            start=start,
+            on_records=fold,
+            on_progress=progress,
+        )
+        if not restored[0] and cp is not None:
+            state.restored(cp)
+        seconds = time.monotonic() - began
+        metrics.USAGE_RECOVERY.observe(seconds)
+        log.info(
+            "usage state restored",
+            partition=partition,
+            checkpoint_offset=cp.next_offset if cp else None,
+            dedup_reread=folded[0],
+            folded=folded[1],
+            next_offset=state.next_offset,
+            open_buckets=len(state.buckets),
+            seconds=round(seconds, 3),
+        )
         return state
 
-    async def partition_state(partition: int) -> PartitionUsage:
+    def start_recovery(partition: int) -> asyncio.Task[PartitionUsage]:
+        task = loading.get(partition)
+        if task is None:
+            task = loading[partition] = asyncio.ensure_future(recover(partition))
+        return task
+
+    async def partition_state(partition: int) -> PartitionUsage | None:
         state = parts.get(partition)
-        if state is None:
-            task = loading.get(partition)
-            if task is None:
-                task = loading[partition] = asyncio.ensure_future(rebuild(partition))
-            try:
-                state = parts[partition] = await task
-            finally:
+        if state is not None:
+            return state
+        if partition not in assigned:
+            return None  # revoked meanwhile: its new owner counts it
+        task = start_recovery(partition)
+        try:
+            state = await task
+        finally:
+            if loading.get(partition) is task and task.done():
                 loading.pop(partition, None)
+        if partition not in assigned:
+            return None
+        parts[partition] = state
         return state
 
     @app.agent(responses, concurrency=1)
+    @sup.guard("usage agent")
     async def count_usage(stream: faust.StreamT[bytes]) -> None:
         async for events in cast(Any, stream).take_events(500, 0.05):
-            async with lock:
-                for event in events:
-                    message = event.message
-                    state = await partition_state(message.partition)
-                    late_before = state.late
-                    response = state.apply(message.offset, message.key, message.value)
-                    if response is not None:
-                        _count_tokens(response, settings.metrics_label_cap)
-                        if state.late != late_before:
-                            log.warning(
-                                "late completion counted in a late bucket",
-                                completion_id=response.id,
-                                partition=message.partition,
-                                offset=message.offset,
-                                grace_s=settings.rollup_late_grace_s,
-                            )
-            await publish()
+            for event in events:
+                message = event.message
+                state = await partition_state(message.partition)
+                if state is None:
+                    continue
+                ts = message.timestamp
+                response = state.apply(
+                    message.offset,
+                    message.key,
+                    message.value,
+                    int(ts * 1000) if ts else None,
+                )
+                if response is not None:
+                    count(response)
+                    _late_note(state, response, message.offset, settings)
 
-    async def publish() -> None:
-        pending = []
-        for state in list(parts.values()):
-            for bucket in list(state.changed):
-                record = result(bucket, state.buckets[bucket], state.partition)
-                pending.append(
+    async def flush(states: list[PartitionUsage]) -> None:
+        """Rollups first (acknowledged), then the checkpoints that reflect them."""
+        async with publish_lock:
+            drained = [(s, s.drain()) for s in states]
+            acks = []
+            for state, d in drained:
+                target = state.partition % settings.partitions
+                for rollup in d.rollups:
+                    topic = (
+                        settings.topic_rollups
+                        if rollup.key.window_ms == MINUTE_MS
+                        else settings.rollups_hourly_topic
+                    )
+                    acks.append(
+                        await app.producer.send(
+                            topic,
+                            rollup.key.record_key(
+                                rollup.source_partition, rollup.source_offset
+                            ).encode(),
+                            rollup.model_dump_json().encode(),
+                            target,
+                            None,
+                            None,
+                        )
+                    )
+            await _acknowledged(acks, settings, "usage rollups")
+            acks = []
+            for state, d in drained:
+                if d.checkpoint is None:
+                    continue
+                acks.append(
                     await app.producer.send(
-                        settings.topic_rollups,
-                        bucket.record_key(state.partition).encode(),
-                        record.model_dump_json().encode(),
-                        None,
+                        settings.usage_checkpoints_topic,
+                        str(state.partition).encode(),
+                        d.checkpoint.model_dump_json().encode(),
+                        state.partition,
                         None,
                         None,
                     )
                 )
-            state.changed.clear()
-        if pending:
-            await asyncio.gather(*pending)
+            await _acknowledged(acks, settings, "usage checkpoints")
+            metrics.USAGE_CHECKPOINTS.inc(len(acks))
+
+    @app.timer(settings.rollup_interval_s)  # type: ignore[untyped-decorator,unused-ignore]
+    @sup.guard("usage publisher")
+    async def publish_rollups() -> None:
+        await flush(list(parts.values()))
+        metrics.USAGE_OPEN_BUCKETS.set(sum(len(s.buckets) for s in parts.values()))
+        metrics.USAGE_DEDUP_IDS.set(sum(s.horizon_size for s in parts.values()))
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type,unused-ignore]
+    async def on_assigned(sender: Any, assigned_tps: set[Any], **kwargs: Any) -> None:
+        for tp in assigned_tps:
+            if tp.topic == settings.topic_responses:
+                assigned.add(tp.partition)
+                if tp.partition not in parts:
+                    start_recovery(tp.partition)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type,unused-ignore]
     async def on_revoked(sender: Any, revoked: set[Any], **kwargs: Any) -> None:
-        for tp in revoked:
-            if tp.topic == settings.topic_responses:
-                parts.pop(tp.partition, None)
+        gone = [tp.partition for tp in revoked if tp.topic == settings.topic_responses]
+        states = []
+        for partition in gone:
+            assigned.discard(partition)
+            task = loading.pop(partition, None)
+            if task is not None:
+                task.cancel()
+            state = parts.pop(partition, None)
+            if state is not None:
+                states.append(state)
+        if not states:
+            return
+        try:
+            await asyncio.wait_for(flush(states), timeout=settings.session_timeout_s)
+        except Exception as exc:
+            log.warning(
+                "could not checkpoint the revoked usage partitions; their new owner "
+                "refolds from the previous checkpoint (exact totals; the token metrics "
+                "may count those completions in both workers)",
+                partitions=gone,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+
+    @app.task  # type: ignore[untyped-decorator,unused-ignore]
+    async def start_view() -> None:
+        view.start()
 
     @app.page("/usage")
     class Usage(View):
         async def get(self, request: Request) -> Response:
-            query = request.query
-            by = [d for d in query.get("by", ",".join(DIMENSIONS)).split(",") if d]
             try:
-                rows = aggregate(
-                    await read_rollups(settings),
-                    window=query.get("window", "1m"),
-                    by=by,
-                    since_ms=int(query["since"]) if "since" in query else None,
-                    until_ms=int(query["until"]) if "until" in query else None,
-                    filters={d: query.get(d, "") for d in DIMENSIONS},
+                query = UsageQuery.parse(
+                    dict(request.query), limit_max=settings.usage_query_limit_max
                 )
-            except ValueError as exc:
+            except QueryError as exc:
                 return self.json({"error": str(exc)}, status=400)
-            return self.json({"rows": rows})
+            page = await view.ask(query)
+            if page is None:
+                return self.json(
+                    {"error": "the usage view is still reading the rollup topics; retry shortly"},
+                    status=503,
+                    headers={"Retry-After": "1"},
+                )
+            return self.json(page)
 
 
-_seen_labels: set[tuple[str, str, str]] = set()
+async def _acknowledged(acks: list[Any], settings: Settings, what: str) -> None:
+    if not acks:
+        return
+    try:
+        await asyncio.wait_for(asyncio.gather(*acks), timeout=settings.usage_publish_timeout_s)
+    except TimeoutError:
+        raise TimeoutError(
+            f"{what} were not acknowledged within {settings.usage_publish_timeout_s:.0f}s "
+            f"(CHUNKSTITCH_USAGE_PUBLISH_TIMEOUT_S); is the broker at {settings.broker} up?"
+        ) from None
 
 
-def _count_tokens(response: ChatCompletion, cap: int) -> None:
+def _late_note(
+    state: PartitionUsage, response: ChatCompletion, offset: int, settings: Settings
+) -> None:
+    outcome = state.last_late
+    if outcome is None:
+        return
+    metrics.USAGE_LATE.labels(outcome).inc()
+    log.warning(
+        "late completion published as a late increment",
+        completion_id=response.id,
+        partition=state.partition,
+        offset=offset,
+        grace_s=settings.rollup_late_grace_s,
+        reason=outcome,
+    )
+
+
+def _observe(response: ChatCompletion, cap: int, seen: set[tuple[str, str, str]]) -> None:
+    meta = response.chunkstitch
+    metrics.USAGE_COMPLETIONS.labels(meta.status).inc()
+    if meta.time_to_first_chunk_ms is not None:
+        metrics.TTFC.labels(meta.status).observe(meta.time_to_first_chunk_ms / 1000)
+    if meta.duration_ms is not None:
+        metrics.DURATION.labels(meta.status).observe(meta.duration_ms / 1000)
     usage = response.usage
     if usage is None:
         return
     labels = (
-        response.chunkstitch.tenant or "unknown",
+        meta.tenant or "unknown",
         response.model or "unknown",
-        response.chunkstitch.provider or "unknown",
+        meta.provider or "unknown",
     )
-    if labels not in _seen_labels:
-        if len(_seen_labels) >= cap:
+    if labels not in seen:
+        if len(seen) >= cap:
             labels = ("other", "other", "other")
         else:
-            _seen_labels.add(labels)
+            seen.add(labels)
     metrics.TOKENS.labels(*labels, "prompt").inc(usage.prompt_tokens)
     metrics.TOKENS.labels(*labels, "completion").inc(usage.completion_tokens)
-    meta = response.chunkstitch
-    if meta.time_to_first_chunk_ms is not None:
-        metrics.TTFC.observe(meta.time_to_first_chunk_ms / 1000)
-    if meta.duration_ms is not None:
-        metrics.DURATION.observe(meta.duration_ms / 1000)

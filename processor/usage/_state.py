@@ -1,24 +1,86 @@
-"""Per-partition usage state: the fold over the finished-response partition, in offset
-order, each completion id counted once.
+"""Per-partition usage state: the fold over one finished-response partition, in offset
+order, bounded by what is open.
 
-The responses topic is keyed by completion id and compacted, so it is its own dedup store:
-after an assignment the state is rebuilt by folding the partition from the beginning to
-its end (``read_to_end``: fetch high watermark), then live records continue the same fold.
-A response seen again (a redelivery after a crash, a replay, an identical re-emission) is
-never counted twice; none is lost because nothing is counted that is not in the topic.
+What the state holds, and its bound:
+
+* ``buckets``: the **open** buckets only, in 1-minute and 1-hour windows. A window is
+  open while ``window_end + late_grace >= stream_time`` (stream time = the latest
+  plausible event time seen on the partition). :meth:`drain` publishes a closed window's
+  final total once and evicts it. Bound: distinct dimension combinations x the windows
+  within the grace (about ``grace / 1 min + 2`` minute windows and 2 hour windows).
+* **Late data** (a completion whose window had already closed, or whose event time is
+  implausible): its contribution is published as its own increment record, keyed by its
+  source offset, and kept only until the next :meth:`drain`. Exact (the key is a
+  function of the completion's offset, so a replay re-publishes the same record) and
+  bounded (one interval's late completions).
+* **Dedup horizon**: the ids of the responses seen in the last ``dedup_ms`` of record
+  timestamps. Two kinds of "seen again" exist, and they are handled differently:
+
+  1. *Redelivery of the same offset* (a replay after a crash, faust redelivering after a
+     rebalance): ``next_offset`` drops every offset already folded. This needs no memory
+     of ids at all and holds for any age, because the state always reflects exactly the
+     offsets below ``next_offset`` (it is restored from a checkpoint together with it).
+  2. *A re-emission at a new offset*: the stitcher emits a completion again, as an
+     identical record, only when it died between "response acknowledged" and "ledger
+     acknowledged"; the copy comes when the restarted worker replays that stream, i.e.
+     after its downtime plus the replay. Event time cannot bound that (the copy has the
+     same event time as the original, and its window may have closed meanwhile), but
+     the records' own timestamps (when each copy was written) can: the copy is written
+     at most ``dedup_ms`` after the original for any outage shorter than that. Beyond it
+     the copy would be counted twice; that is the documented bound
+     (``CHUNKSTITCH_USAGE_DEDUP_S``, default 10 min).
+
+  Bound: the responses written in the last ``dedup_ms``. The ids are not written into
+  the checkpoint (they could outgrow a record); the checkpoint names
+  ``dedup_from_offset`` and recovery re-reads ``[dedup_from_offset, next_offset)`` for
+  their ids only. Replaying :meth:`remember` over that range rebuilds exactly the same
+  horizon (see :meth:`restore`).
+
+Everything here is deterministic in offset order: the same records from the same
+checkpoint give the same state and the same published records, which is what makes
+re-publishing after a crash harmless.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from processor.core import combine, contribution, zero
+from processor.core import combine, contribution, result, zero
 from processor.core._usage import MINUTE_MS, event_time_ms
-from topics import ChatCompletion, UsageKey, UsageTotals
+from topics import ChatCompletion, UsageCheckpoint, UsageKey, UsageRollup, UsageTotals
 
-__all__ = ["PartitionUsage"]
+__all__ = ["HOUR_MS", "RESOLUTIONS", "Drained", "PartitionUsage"]
+
+HOUR_MS = 60 * MINUTE_MS
+RESOLUTIONS = (MINUTE_MS, HOUR_MS)
+"""Windows kept and published by the worker (1 day is summed from 1 hour on read)."""
+
+EARLIEST_PLAUSIBLE_MS = 946_684_800_000
+"""2000-01-01: an event time before it is not a real request time."""
+
+_FIELDS = tuple(UsageTotals.model_fields)
+
+
+def _pack(totals: UsageTotals) -> tuple[int | tuple[int, ...], ...]:
+    return tuple(getattr(totals, name) for name in _FIELDS)
+
+
+def _unpack(values: tuple[int | tuple[int, ...], ...]) -> UsageTotals:
+    return UsageTotals(**dict(zip(_FIELDS, values, strict=True)))
+
+
+@dataclass
+class Drained:
+    """What one :meth:`PartitionUsage.drain` hands to the publisher, in this order:
+    the rollups (finals, changed open buckets, late increments), then the checkpoint
+    that reflects them (written only after every rollup is acknowledged)."""
+
+    rollups: list[UsageRollup]
+    checkpoint: UsageCheckpoint | None
+    closed: int = 0
 
 
 @dataclass
@@ -27,38 +89,169 @@ class PartitionUsage:
 
     partition: int
     late_grace_ms: int
+    dedup_ms: int = 600_000
+    max_future_ms: int = 3_600_000
+    topic: str = ""
     buckets: dict[UsageKey, UsageTotals] = field(default_factory=dict)
-    counted: set[str] = field(default_factory=set)
     changed: set[UsageKey] = field(default_factory=set)
+    late_out: list[UsageRollup] = field(default_factory=list)
     stream_time_ms: int = 0
-    """The latest event time seen on this partition: lateness is judged against it."""
+    """The latest plausible event time seen on this partition: lateness is judged against it."""
     next_offset: int = 0
+    counted: int = 0
     invalid: int = 0
     late: int = 0
+    implausible: int = 0
+    last_late: str | None = None
+    """How the last counted completion was late: None, 'late' or 'implausible'."""
+    _horizon: deque[tuple[int, int, str]] = field(default_factory=deque)
+    _seen: dict[str, int] = field(default_factory=dict)
+    _latest_ts: int = 0
+    _checkpointed_offset: int = -1
 
-    def apply(self, offset: int, key: bytes | None, value: bytes | None) -> ChatCompletion | None:
+    # --- folding ---------------------------------------------------------------------------
+
+    def remember(self, offset: int, key: bytes | None, timestamp_ms: int | None) -> bool:
+        """Put a response id into the dedup horizon; False if it was already there."""
+        if key is None:
+            return True
+        cid = key.decode("utf-8", "replace")
+        ts = timestamp_ms if timestamp_ms is not None and timestamp_ms >= 0 else self._latest_ts
+        fresh = cid not in self._seen
+        self._horizon.append((ts, offset, cid))
+        self._seen[cid] = offset
+        if ts > self._latest_ts:
+            self._latest_ts = ts
+        floor = self._latest_ts - self.dedup_ms
+        horizon = self._horizon
+        while horizon and horizon[0][0] < floor:
+            _, old_offset, old = horizon.popleft()
+            if self._seen.get(old) == old_offset:
+                del self._seen[old]
+        return fresh
+
+    def apply(
+        self,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        timestamp_ms: int | None = None,
+    ) -> ChatCompletion | None:
         """Fold one record (in offset order); the response if it was counted now."""
         if offset < self.next_offset:
-            return None  # already folded (rebuilt from the topic, then redelivered)
+            return None  # already folded (restored from a checkpoint, then redelivered)
         self.next_offset = offset + 1
         if value is None or key is None:
             return None  # a tombstone: nothing to count
-        cid = key.decode("utf-8", "replace")
-        if cid in self.counted:
-            return None
+        if not self.remember(offset, key, timestamp_ms):
+            return None  # the same completion again (an identical re-emission)
         try:
             response = ChatCompletion.model_validate_json(value)
         except ValidationError:
             self.invalid += 1
             return None
-        self.counted.add(cid)
+        self.counted += 1
         event = event_time_ms(response)
-        window_end = event // MINUTE_MS * MINUTE_MS + MINUTE_MS
-        late = window_end + self.late_grace_ms < self.stream_time_ms
-        self.stream_time_ms = max(self.stream_time_ms, event)
-        bucket, totals = contribution(response, late=late)
-        if late:
+        reference = timestamp_ms if timestamp_ms is not None and timestamp_ms > 0 else event
+        plausible = EARLIEST_PLAUSIBLE_MS <= event <= reference + self.max_future_ms
+        if not plausible:
+            self.implausible += 1
+        any_late = False
+        for size in RESOLUTIONS:
+            window_end = event // size * size + size
+            late = not plausible or window_end + self.late_grace_ms < self.stream_time_ms
+            bucket, totals = contribution(response, window_ms=size, late=late)
+            if late:
+                any_late = True
+                rollup = result(bucket, totals, self.partition)
+                self.late_out.append(rollup.model_copy(update={"source_offset": offset}))
+            else:
+                self.buckets[bucket] = combine(self.buckets.get(bucket, zero()), totals)
+                self.changed.add(bucket)
+        self.last_late = None if not any_late else "late" if plausible else "implausible"
+        if any_late:
             self.late += 1
-        self.buckets[bucket] = combine(self.buckets.get(bucket, zero()), totals)
-        self.changed.add(bucket)
+        if plausible and event > self.stream_time_ms:
+            self.stream_time_ms = event
         return response
+
+    # --- publishing ------------------------------------------------------------------------
+
+    def drain(self) -> Drained:
+        """Close the windows past the grace (final records, evicted), take the changed open
+        buckets and the late increments, and snapshot the checkpoint that reflects them."""
+        out: list[UsageRollup] = []
+        horizon = self.stream_time_ms - self.late_grace_ms
+        closed = [k for k in self.buckets if k.window_start_ms + k.window_ms < horizon]
+        for key in closed:
+            totals = self.buckets.pop(key)
+            self.changed.discard(key)
+            out.append(result(key, totals, self.partition).model_copy(update={"final": True}))
+        for key in self.changed:
+            out.append(result(key, self.buckets[key], self.partition))
+        self.changed.clear()
+        out.extend(self.late_out)
+        self.late_out.clear()
+        checkpoint = None
+        if self.next_offset != self._checkpointed_offset or out:
+            checkpoint = self.checkpoint()
+            self._checkpointed_offset = self.next_offset
+        return Drained(out, checkpoint, len(closed))
+
+    def checkpoint(self) -> UsageCheckpoint:
+        """The state as a record (without the dedup ids: see the module docstring)."""
+        return UsageCheckpoint(
+            source_topic=self.topic,
+            source_partition=self.partition,
+            next_offset=self.next_offset,
+            stream_time_ms=self.stream_time_ms,
+            dedup_from_offset=self._horizon[0][1] if self._horizon else self.next_offset,
+            dedup_latest_ts_ms=self._latest_ts,
+            buckets=[(k, _pack(t)) for k, t in self.buckets.items()],
+            counted=self.counted,
+            invalid=self.invalid,
+            late=self.late,
+        )
+
+    @classmethod
+    def restore(
+        cls,
+        checkpoint: UsageCheckpoint,
+        *,
+        late_grace_ms: int,
+        dedup_ms: int,
+        max_future_ms: int,
+    ) -> PartitionUsage:
+        """The state a checkpoint describes. Its dedup horizon is still empty: feed the
+        responses in ``[dedup_from_offset, next_offset)`` to :meth:`remember`, in offset
+        order, then call :meth:`restored`.
+
+        Why that rebuilds the same horizon: at checkpoint time the horizon held exactly
+        the keyed records from ``dedup_from_offset`` on (eviction only ever pops the
+        front). Replaying them, the running maximum timestamp is never above the one the
+        original run had at the same record, so the replay evicts nothing that the
+        original kept; afterwards the latest timestamp is set back to the checkpoint's."""
+        state = cls(
+            checkpoint.source_partition,
+            late_grace_ms,
+            dedup_ms,
+            max_future_ms,
+            checkpoint.source_topic,
+            stream_time_ms=checkpoint.stream_time_ms,
+            next_offset=checkpoint.next_offset,
+            counted=checkpoint.counted,
+            invalid=checkpoint.invalid,
+            late=checkpoint.late,
+        )
+        state.buckets = {k: _unpack(v) for k, v in checkpoint.buckets}
+        state._checkpointed_offset = checkpoint.next_offset
+        state._latest_ts = 0
+        return state
+
+    def restored(self, checkpoint: UsageCheckpoint) -> None:
+        """End of the dedup re-read (see :meth:`restore`)."""
+        self._latest_ts = max(self._latest_ts, checkpoint.dedup_latest_ts_ms)
+
+    @property
+    def horizon_size(self) -> int:
+        return len(self._horizon)

@@ -128,10 +128,10 @@ def test_token_metric_labels_are_capped() -> None:
     from processor import metrics
     from processor.usage import _plugin
 
-    _plugin._seen_labels.clear()
+    seen: set[tuple[str, str, str]] = set()
     for i in range(5):
         resp = _response("vllm", tenant=f"tenant-{i}", first_chunk_at_ms=0)
-        _plugin._count_tokens(resp, cap=3)
+        _plugin._observe(resp, 3, seen)
     tenants = {
         sample.labels["tenant"]
         for family in metrics.REGISTRY.collect()

@@ -1,0 +1,518 @@
+"""The live read model of usage: ``GET /usage`` and ``chunkstitch usage`` answer from it.
+
+* **One query model** (:class:`UsageQuery`) validates the parameters of both: ``since``
+  and ``until`` as ISO-8601, epoch milliseconds or a relative ``15m`` / ``2h`` / ``7d``
+  (before now), ``window`` (1m, 1h, 1d), ``by`` (a comma list of dimensions), filters
+  (tenant, model, provider, status), ``limit`` and an opaque ``cursor`` for the next page.
+  Anything wrong is a :class:`QueryError` with a one-line message (HTTP 400, CLI exit 2).
+* **Maintained incrementally** (:class:`UsageView`) from the two rollup topics: 1-minute
+  rows (kept for ``usage_view_minutes_s``) from the 1-minute topic, 1-hour rows and
+  1-day rows (summed from the hourly ones) from the hourly topic. A rollup record is an
+  absolute total for its key; the view remembers the last total per key for a bounded
+  period and adds only the difference, so a re-published total changes nothing and rows
+  are already summed over source partitions.
+* **A query costs O(rows in its range)**: the windows are kept sorted, a query bisects
+  to ``since`` and walks forward until ``until`` or ``limit`` rows; never the history.
+* **Off the stitching path**: in the worker, :class:`ViewRunner` runs the rollup
+  consumer and the folding in a thread with its own event loop; queries take a
+  ``threading.Lock`` for the time of one page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import bisect
+import json
+import re
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from processor.core import WINDOWS_MS, combine, result, zero
+from processor.logs import get_logger
+from processor.settings import Settings
+from topics import UsageKey, UsageRollup, UsageTotals
+
+__all__ = [
+    "DIMENSIONS",
+    "QueryError",
+    "UsageQuery",
+    "UsageView",
+    "ViewRunner",
+    "load_view",
+    "query_rollups",
+    "window_label",
+]
+
+log = get_logger("chunkstitch.usage")
+
+DIMENSIONS = ("tenant", "model", "provider", "status")
+MINUTE_MS = WINDOWS_MS["1m"]
+HOUR_MS = WINDOWS_MS["1h"]
+DAY_MS = WINDOWS_MS["1d"]
+MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last instant datetime can show
+_UNITS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_FIELDS = tuple(UsageTotals.model_fields)
+
+RowKey = tuple[str, str, str, str, bool]
+"""tenant, model, provider, status, late."""
+
+
+class QueryError(ValueError):
+    """A usage query parameter is wrong; the message says which and what to use."""
+
+
+def window_label(ms: int) -> str:
+    """A window start for people: ``YYYY-MM-DD HH:MM`` UTC, or the raw epoch ms when it is
+    outside what a calendar can show (never raises: rollups may hold any timestamp)."""
+    try:
+        if 0 <= ms <= MAX_MS:
+            return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+    except (OverflowError, OSError, ValueError):
+        pass
+    return f"@{ms}ms"
+
+
+def _parse_time(name: str, value: Any, now_ms: int) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise QueryError(f"{name}={value!r}: use ISO-8601, epoch milliseconds or e.g. 15m")
+    if isinstance(value, int):
+        ms = value
+    else:
+        text = str(value).strip()
+        if re.fullmatch(r"-?\d+", text):
+            ms = int(text)
+        elif match := re.fullmatch(r"(\d+)([smhd])", text):
+            ms = now_ms - int(match[1]) * _UNITS[match[2]]
+        else:
+            try:
+                parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            except ValueError:
+                raise QueryError(
+                    f"{name}={text!r} is not a time: use ISO-8601 (2026-01-31T12:00Z), "
+                    "epoch milliseconds or a duration before now (15m, 2h, 7d)"
+                ) from None
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)
+            ms = int(parsed.timestamp() * 1000)
+    if not 0 <= ms <= MAX_MS:
+        raise QueryError(f"{name}={value!r} is out of range: use a time between 1970 and 9999")
+    return ms
+
+
+class UsageQuery(BaseModel):
+    """The parameters of a usage query, shared by ``GET /usage`` and ``chunkstitch usage``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    window: Literal["1m", "1h", "1d"] = "1m"
+    by: tuple[str, ...] = DIMENSIONS
+    since_ms: int | None = None
+    until_ms: int | None = None
+    tenant: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    status: str | None = None
+    limit: int = Field(default=1000, ge=1)
+    cursor: str | None = None
+
+    @field_validator("by", mode="before")
+    @classmethod
+    def _split_by(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [d.strip() for d in value.split(",") if d.strip()]
+        unknown = sorted(set(value) - set(DIMENSIONS))
+        if unknown:
+            raise ValueError(f"cannot group by {unknown}; choose from {', '.join(DIMENSIONS)}")
+        return tuple(d for d in DIMENSIONS if d in value)
+
+    @classmethod
+    def parse(
+        cls, params: Mapping[str, Any], *, now_ms: int | None = None, limit_max: int = 10_000
+    ) -> UsageQuery:
+        """Validate raw parameters (query string or CLI options); raise :class:`QueryError`."""
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        raw = {k: v for k, v in params.items() if v is not None and v != ""}
+        unknown = sorted(set(raw) - {"since", "until", *cls.model_fields})
+        if unknown:
+            allowed = "since, until, window, by, tenant, model, provider, status, limit, cursor"
+            raise QueryError(f"unknown parameter {', '.join(unknown)}; use {allowed}")
+        values: dict[str, Any] = {k: v for k, v in raw.items() if k not in ("since", "until")}
+        values["since_ms"] = _parse_time("since", raw.get("since", raw.get("since_ms")), now)
+        values["until_ms"] = _parse_time("until", raw.get("until", raw.get("until_ms")), now)
+        try:
+            query = cls(**values)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "query"
+            raise QueryError(
+                f"{where}={values.get(str(err['loc'][0]) if err['loc'] else '', '')!r}: "
+                f"{err['msg'].removeprefix('Value error, ')}"
+            ) from None
+        if query.limit > limit_max:
+            raise QueryError(f"limit={query.limit} is above the maximum {limit_max}")
+        if (
+            query.since_ms is not None
+            and query.until_ms is not None
+            and query.since_ms >= query.until_ms
+        ):
+            raise QueryError("since must be before until")
+        if query.cursor is not None:
+            _decode_cursor(query.cursor, query.window)
+        return query
+
+
+def _encode_cursor(window: str, start: int, row: tuple[str, ...]) -> str:
+    raw = json.dumps([window, start, list(row)], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, window: str) -> tuple[int, tuple[str, ...]]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        w, start, row = json.loads(raw)
+        if w != window or not isinstance(start, int) or not isinstance(row, list):
+            raise ValueError
+        return start, tuple(str(x) for x in row)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise QueryError(
+            "cursor is not one this query returned: pass next_cursor unchanged, with the "
+            "same window"
+        ) from None
+
+
+def _diff(new: UsageTotals, old: UsageTotals) -> UsageTotals:
+    values: dict[str, Any] = {}
+    for name in _FIELDS:
+        x, y = getattr(new, name), getattr(old, name)
+        values[name] = (
+            tuple(i - j for i, j in zip(x, y, strict=True)) if isinstance(x, tuple) else x - y
+        )
+    return UsageTotals(**values)
+
+
+@dataclass
+class _Keys:
+    """The last total per rollup key of one (resolution, source partition), for a bounded
+    period of windows; older windows are below ``watermark``."""
+
+    latest: dict[str, UsageTotals] = field(default_factory=dict)
+    by_window: dict[int, list[str]] = field(default_factory=dict)
+    starts: list[int] = field(default_factory=list)
+    watermark: int | None = None
+    max_late_offset: int = -1
+
+
+class UsageView:
+    """Usage rows per window size, summed over source partitions, updated per record."""
+
+    def __init__(
+        self,
+        *,
+        minute_keep_ms: int = 6 * HOUR_MS,
+        hour_keep_ms: int = 400 * DAY_MS,
+        key_keep_ms: int | None = None,
+    ) -> None:
+        self.minute_keep_ms = minute_keep_ms
+        self.hour_keep_ms = hour_keep_ms
+        self.key_keep_ms = key_keep_ms if key_keep_ms is not None else max(minute_keep_ms, DAY_MS)
+        self.lock = threading.Lock()
+        self.rows: dict[int, dict[int, dict[RowKey, UsageTotals]]] = {
+            MINUTE_MS: {},
+            HOUR_MS: {},
+            DAY_MS: {},
+        }
+        self.starts: dict[int, list[int]] = {MINUTE_MS: [], HOUR_MS: [], DAY_MS: []}
+        self._keys: dict[tuple[int, int], _Keys] = {}
+        self.records = 0
+        self.ignored = 0
+        self.caught_up = False
+
+    # --- maintenance ---------------------------------------------------------------------
+
+    def apply_records(self, records: Iterable[tuple[bytes | None, bytes | None]]) -> None:
+        """Fold raw rollup records (key, value); values that do not validate are skipped."""
+        parsed: list[tuple[str, UsageRollup]] = []
+        for key, value in records:
+            if key is None or value is None:
+                continue
+            try:
+                parsed.append(
+                    (key.decode("utf-8", "replace"), UsageRollup.model_validate_json(value))
+                )
+            except ValidationError:
+                self.ignored += 1
+        with self.lock:
+            for record_key, rollup in parsed:
+                self._apply(record_key, rollup)
+
+    def apply(self, record_key: str, rollup: UsageRollup) -> None:
+        with self.lock:
+            self._apply(record_key, rollup)
+
+    def _apply(self, record_key: str, rollup: UsageRollup) -> None:
+        key = rollup.key
+        size = key.window_ms
+        if size not in (MINUTE_MS, HOUR_MS):
+            self.ignored += 1
+            return
+        self.records += 1
+        keys = self._keys.setdefault((size, rollup.source_partition or 0), _Keys())
+        start = key.window_start_ms
+        old = keys.latest.get(record_key)
+        if old is None and keys.watermark is not None and start < keys.watermark:
+            # The last totals of this window were forgotten (bounded memory). A late
+            # increment is new if its source offset is above every one seen; anything
+            # else is a re-publication of a total already counted.
+            offset = rollup.source_offset
+            if offset is None or offset <= keys.max_late_offset:
+                self.ignored += 1
+                return
+            delta = rollup.totals
+        else:
+            delta = rollup.totals if old is None else _diff(rollup.totals, old)
+            if old is None:
+                if start not in keys.by_window:
+                    bisect.insort(keys.starts, start)
+                    keys.by_window[start] = []
+                keys.by_window[start].append(record_key)
+            keys.latest[record_key] = rollup.totals
+        if rollup.source_offset is not None and rollup.source_offset > keys.max_late_offset:
+            keys.max_late_offset = rollup.source_offset
+        row: RowKey = (key.tenant, key.model, key.provider, key.status, key.late)
+        self._add(size, start, row, delta)
+        if size == HOUR_MS:
+            self._add(DAY_MS, start // DAY_MS * DAY_MS, row, delta)
+        self._evict_keys(keys)
+
+    def _add(self, size: int, start: int, row: RowKey, delta: UsageTotals) -> None:
+        windows = self.rows[size]
+        rows = windows.get(start)
+        if rows is None:
+            rows = windows[start] = {}
+            starts = self.starts[size]
+            bisect.insort(starts, start)
+            keep = self.minute_keep_ms if size == MINUTE_MS else self.hour_keep_ms
+            while starts and starts[0] < starts[-1] - keep:
+                windows.pop(starts.pop(0), None)
+            if start not in windows:
+                return  # older than what is kept
+        rows[row] = combine(rows.get(row, zero()), delta)
+
+    def _evict_keys(self, keys: _Keys) -> None:
+        starts = keys.starts
+        while starts and starts[0] < starts[-1] - self.key_keep_ms:
+            start = starts.pop(0)
+            for record_key in keys.by_window.pop(start, ()):
+                keys.latest.pop(record_key, None)
+            keys.watermark = start + 1
+
+    # --- queries -------------------------------------------------------------------------
+
+    def query(self, q: UsageQuery) -> dict[str, Any]:
+        """One page of rows: ``{"rows": [...], "next_cursor": str | None}``."""
+        size = WINDOWS_MS[q.window]
+        after: tuple[int, tuple[str, ...]] | None = None
+        if q.cursor is not None:
+            after = _decode_cursor(q.cursor, q.window)
+        filters = {d: getattr(q, d) for d in DIMENSIONS if getattr(q, d)}
+        out: list[dict[str, Any]] = []
+        next_cursor: str | None = None
+        last_group: tuple[str, ...] = ()
+        with self.lock:
+            starts = self.starts[size]
+            windows = self.rows[size]
+            lo = 0
+            if q.since_ms is not None:
+                lo = bisect.bisect_right(starts, q.since_ms - size)
+            if after is not None:
+                lo = max(lo, bisect.bisect_left(starts, after[0]))
+            for start in starts[lo:]:
+                if q.until_ms is not None and start >= q.until_ms:
+                    break
+                groups: dict[tuple[str, ...], UsageTotals] = {}
+                for (tenant, model, provider, status, late), totals in windows[start].items():
+                    dims = {"tenant": tenant, "model": model, "provider": provider}
+                    dims["status"] = status
+                    if any(dims[d] != v for d, v in filters.items()):
+                        continue
+                    group = (*(dims[d] if d in q.by else "*" for d in DIMENSIONS), str(late))
+                    groups[group] = combine(groups.get(group, zero()), totals)
+                for group in sorted(groups):
+                    if after is not None and (start, group) <= after:
+                        continue
+                    if len(out) == q.limit:
+                        last = out[-1]["key"]
+                        next_cursor = _encode_cursor(q.window, last["window_start_ms"], last_group)
+                        break
+                    key = UsageKey(
+                        window_start_ms=start,
+                        window_ms=size,
+                        tenant=group[0],
+                        model=group[1],
+                        provider=group[2],
+                        status=group[3],
+                        late=group[4] == "True",
+                    )
+                    out.append(
+                        result(key, groups[group]).model_dump(
+                            exclude={"source_partition", "source_offset", "final"}
+                        )
+                    )
+                    last_group = group
+                if next_cursor is not None:
+                    break
+        return {"rows": out, "next_cursor": next_cursor}
+
+    @property
+    def size(self) -> int:
+        """Rows held (all window sizes)."""
+        return sum(len(r) for windows in self.rows.values() for r in windows.values())
+
+
+def view_for(settings: Settings) -> UsageView:
+    return UsageView(
+        minute_keep_ms=int(settings.usage_view_minutes_s * 1000),
+        hour_keep_ms=int(settings.retention_rollups_hourly_s * 1000),
+    )
+
+
+def _partitions(settings: Settings) -> list[Any]:
+    from aiokafka import TopicPartition
+
+    return [
+        TopicPartition(topic, p)
+        for topic in (settings.topic_rollups, settings.rollups_hourly_topic)
+        for p in range(settings.partitions)
+    ]
+
+
+async def load_view(settings: Settings) -> UsageView:
+    """A view of everything on the rollup topics now (``chunkstitch usage``: one read)."""
+    from processor.kafka import read_to_end
+
+    view = view_for(settings)
+
+    def fold(records: list[Any]) -> None:
+        view.apply_records((r.key, r.value) for r in records)
+
+    await read_to_end(
+        settings, _partitions(settings), timeout_s=settings.usage_read_stall_s, on_records=fold
+    )
+    view.caught_up = True
+    return view
+
+
+async def query_rollups(settings: Settings, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate ``params`` (:class:`UsageQuery`) and answer them from the rollup topics.
+
+    The data path of ``chunkstitch usage``: returns ``{"rows": [...], "next_cursor": ...}``
+    and raises :class:`QueryError` (bad parameters) or ``BrokerUnreachable``."""
+    query = UsageQuery.parse(params, limit_max=settings.usage_query_limit_max)
+    view = await load_view(settings)
+    return view.query(query)
+
+
+class ViewRunner:
+    """The worker's read model: a daemon thread with its own event loop that consumes the
+    rollup topics from the beginning (they are bounded by their retention) and keeps a
+    :class:`UsageView` up to date. Queries read the view under its lock from any thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.view = view_for(settings)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="usage-view", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.error: str | None = None
+
+    def start(self) -> ViewRunner:
+        self._thread.start()
+        return self
+
+    async def ask(self, query: UsageQuery) -> dict[str, Any] | None:
+        """Answer ``query`` in the view's own thread (the caller's loop only awaits);
+        None while the view is still catching up."""
+        loop = self._loop
+        if loop is None or not self.view.caught_up:
+            return None
+
+        async def answer() -> dict[str, Any]:
+            return self.view.query(query)
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(answer(), loop))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                asyncio.run(self._consume())
+                return
+            except Exception as exc:  # the view must never take the worker down
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.error(
+                    "usage view: reading the rollup topics failed; retrying",
+                    error=self.error,
+                    retry_in_s=backoff,
+                )
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                self.view = view_for(self.settings)  # start over: answers 503 until caught up
+
+    async def _consume(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        self._loop = asyncio.get_running_loop()
+        consumer: AIOKafkaConsumer = AIOKafkaConsumer(
+            **self.settings.kafka_kwargs(),
+            enable_auto_commit=False,
+            group_id=None,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=200,
+        )
+        await consumer.start()
+        try:
+            parts = _partitions(self.settings)
+            consumer.assign(parts)
+            view = self.view
+            await consumer.seek_to_beginning(*parts)
+            targets: dict[Any, int] = {}
+            began = time.monotonic()
+            while not self._stop.is_set():
+                batch = await consumer.getmany(timeout_ms=500, max_records=2000)
+                for records in batch.values():
+                    view.apply_records((r.key, r.value) for r in records)
+                    await asyncio.sleep(0)  # let queries in between
+                if not view.caught_up:
+                    done = True
+                    for tp in parts:
+                        highwater = consumer.highwater(tp)
+                        if highwater is None:
+                            done = False
+                            continue
+                        target = targets.setdefault(tp, highwater)
+                        if await consumer.position(tp) < target:
+                            done = False
+                    if done:
+                        view.caught_up = True
+                        log.info(
+                            "usage view caught up",
+                            records=view.records,
+                            rows=view.size,
+                            seconds=round(time.monotonic() - began, 2),
+                        )
+        finally:
+            self._loop = None
+            await consumer.stop()
