@@ -189,6 +189,9 @@ class Settings(BaseSettings):
         default=6 * 3600.0, gt=0, description="The read model keeps 1-minute rows this long."
     )
     usage_query_limit_max: int = Field(default=10_000, ge=1)
+    usage_view_wait_s: float = Field(
+        default=10.0, ge=0, description="/usage waits this long for the read model to catch up."
+    )
     usage_read_stall_s: float = Field(
         default=60.0, gt=0, description="A recovery read gives up after this long without progress."
     )

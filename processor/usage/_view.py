@@ -440,10 +440,14 @@ class ViewRunner:
 
     async def ask(self, query: UsageQuery) -> dict[str, Any] | None:
         """Answer ``query`` in the view's own thread (the caller's loop only awaits);
-        None while the view is still catching up."""
+        None if the view is still catching up after ``usage_view_wait_s``."""
+        waited = 0.0
+        while self._loop is None or not self.view.caught_up:
+            if waited >= self.settings.usage_view_wait_s:
+                return None
+            await asyncio.sleep(0.05)
+            waited += 0.05
         loop = self._loop
-        if loop is None or not self.view.caught_up:
-            return None
 
         async def answer() -> dict[str, Any]:
             return self.view.query(query)

@@ -1,0 +1,139 @@
+"""The read model and the one query model of /usage and `chunkstitch usage`."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from processor.core import result
+from processor.usage import QueryError, UsageQuery, UsageView, window_label
+from topics import UsageKey, UsageRollup, UsageTotals
+
+MIN = 60_000
+HOUR = 3_600_000
+T0 = 1_760_000_000_000 // HOUR * HOUR
+NOW = T0 + 10 * HOUR
+
+
+def rollup(
+    start: int,
+    requests: int,
+    *,
+    tenant: str = "acme",
+    size: int = MIN,
+    partition: int = 0,
+    late: bool = False,
+    offset: int | None = None,
+) -> tuple[str, UsageRollup]:
+    key = UsageKey(
+        window_start_ms=start,
+        window_ms=size,
+        tenant=tenant,
+        model="m",
+        provider="p",
+        status="complete",
+        late=late,
+    )
+    r = result(key, UsageTotals(requests=requests, complete=requests), partition)
+    r = r.model_copy(update={"source_offset": offset})
+    return key.record_key(partition, offset), r
+
+
+def requests(page: dict[str, object]) -> list[tuple[int, str, int]]:
+    rows = page["rows"]
+    assert isinstance(rows, list)
+    return [
+        (r["key"]["window_start_ms"], r["key"]["tenant"], r["totals"]["requests"]) for r in rows
+    ]
+
+
+def test_absolute_totals_replace_and_partitions_add_up() -> None:
+    view = UsageView()
+    view.apply(*rollup(T0, 2))
+    view.apply(*rollup(T0, 5))  # the same key again: the newer total replaces it
+    view.apply(*rollup(T0, 5))  # a re-publication changes nothing
+    view.apply(*rollup(T0, 3, partition=1))
+    q = UsageQuery.parse({"window": "1m", "by": "tenant"}, now_ms=NOW)
+    assert requests(view.query(q)) == [(T0, "acme", 8)]
+
+
+def test_hour_rows_feed_hours_and_days_and_late_increments_add() -> None:
+    view = UsageView()
+    view.apply(*rollup(T0, 4, size=HOUR))
+    view.apply(*rollup(T0 + HOUR, 1, size=HOUR))
+    view.apply(*rollup(T0, 1, size=HOUR, late=True, offset=7))
+    view.apply(*rollup(T0, 1, size=HOUR, late=True, offset=9))
+    day = view.query(UsageQuery.parse({"window": "1d", "by": "tenant"}, now_ms=NOW))
+    assert sum(r["totals"]["requests"] for r in day["rows"]) == 7
+    hours = view.query(UsageQuery.parse({"window": "1h", "by": "tenant"}, now_ms=NOW))
+    assert requests(hours) == [(T0, "acme", 4), (T0, "acme", 2), (T0 + HOUR, "acme", 1)]
+
+
+def test_forgotten_keys_ignore_re_publications_but_take_new_late_increments() -> None:
+    view = UsageView(minute_keep_ms=HOUR, key_keep_ms=HOUR)
+    view.apply(*rollup(T0, 3))
+    view.apply(*rollup(T0 + 3 * HOUR, 1))  # moves the key horizon past T0
+    view.apply(*rollup(T0, 3))  # a final re-published after a crash: already counted
+    view.apply(*rollup(T0, 1, late=True, offset=50))  # new late data: counted
+    view.apply(*rollup(T0, 1, late=True, offset=50))  # its re-publication: not again
+    assert view.ignored == 2
+    # the 1-minute rows older than minute_keep_ms are gone; the query still works
+    page = view.query(UsageQuery.parse({"window": "1m", "by": "tenant"}, now_ms=NOW))
+    assert requests(page) == [(T0 + 3 * HOUR, "acme", 1)]
+
+
+def test_pages_follow_the_cursor_and_cover_everything_once() -> None:
+    view = UsageView()
+    for i in range(30):
+        for tenant in ("a", "b", "c"):
+            view.apply(*rollup(T0 + i * MIN, i + 1, tenant=tenant))
+    seen: list[tuple[int, str, int]] = []
+    params: dict[str, object] = {"window": "1m", "by": "tenant", "limit": 7}
+    pages = 0
+    while True:
+        page = view.query(UsageQuery.parse(params, now_ms=NOW))
+        seen += requests(page)
+        pages += 1
+        if page["next_cursor"] is None:
+            break
+        params["cursor"] = page["next_cursor"]
+    assert len(seen) == 90 and len(set(seen)) == 90 and pages == 13
+    since = view.query(
+        UsageQuery.parse({"window": "1m", "since": T0 + 28 * MIN, "by": "tenant"}, now_ms=NOW)
+    )
+    assert {s for s, _, _ in requests(since)} == {T0 + 28 * MIN, T0 + 29 * MIN}
+
+
+def test_query_times_iso_epoch_and_relative() -> None:
+    iso = UsageQuery.parse({"since": "2025-10-09T08:00:00Z", "until": "1760000000000"}, now_ms=NOW)
+    assert (iso.since_ms, iso.until_ms) == (1_759_996_800_000, 1_760_000_000_000)
+    rel = UsageQuery.parse({"since": "2h"}, now_ms=NOW)
+    assert rel.since_ms == NOW - 2 * HOUR
+    assert UsageQuery.parse({"by": "model,tenant"}).by == ("tenant", "model")
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"window": "5m"}, "window"),
+        ({"by": "colour"}, "cannot group by ['colour']"),
+        ({"since": "yesterday"}, "since='yesterday' is not a time"),
+        ({"since": "99999999999999999999"}, "out of range"),
+        ({"since": "2h", "until": "3h"}, "since must be before until"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "20000"}, "above the maximum"),
+        ({"cursor": "garbage"}, "cursor is not one this query returned"),
+        ({"colour": "red"}, "unknown parameter colour"),
+    ],
+)
+def test_bad_queries_say_what_is_wrong(params: dict[str, str], message: str) -> None:
+    with pytest.raises(QueryError, match=re.escape(message)) as info:
+        UsageQuery.parse(params, now_ms=NOW)
+    assert "\n" not in str(info.value)
+
+
+def test_window_labels_never_raise() -> None:
+    assert window_label(T0) == "2025-10-09 08:00"
+    assert window_label(10**30).startswith("@")
+    assert window_label(-5).startswith("@")
