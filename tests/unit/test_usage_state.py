@@ -85,8 +85,10 @@ def test_late_completions_are_increments_keyed_by_their_offset() -> None:
     late = [r for r in drained if r.key.late and r.key.window_ms == 60_000]
     assert sorted(r.source_offset for r in late if r.source_offset is not None) == [1, 2]
     keys = {r.key.record_key(r.source_partition, r.source_offset) for r in late}
-    assert len(keys) == 2 and all(k.endswith(("|0|1", "|0|2")) for k in keys)
-    assert state.late_out == [] and state.late == 2
+    assert len(keys) == 2
+    assert all(k.endswith(("|0|1", "|0|2")) for k in keys)
+    assert state.late_out == []
+    assert state.late == 2
 
 
 def test_implausible_event_times_never_move_stream_time() -> None:

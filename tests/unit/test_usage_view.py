@@ -98,7 +98,9 @@ def test_pages_follow_the_cursor_and_cover_everything_once() -> None:
         if page["next_cursor"] is None:
             break
         params["cursor"] = page["next_cursor"]
-    assert len(seen) == 90 and len(set(seen)) == 90 and pages == 13
+    assert len(seen) == 90
+    assert len(set(seen)) == 90
+    assert pages == 13
     since = view.query(
         UsageQuery.parse({"window": "1m", "since": T0 + 28 * MIN, "by": "tenant"}, now_ms=NOW)
     )
