@@ -209,6 +209,9 @@ class _Keys:
     starts: list[int] = field(default_factory=list)
     watermark: int | None = None
     max_late_offset: int = -1
+    newest: int | None = None
+    """The newest window of an on-time record (late increments, which may carry any
+    timestamp, never move the horizon)."""
 
 
 class UsageView:
@@ -232,6 +235,7 @@ class UsageView:
         }
         self.starts: dict[int, list[int]] = {MINUTE_MS: [], HOUR_MS: [], DAY_MS: []}
         self._keys: dict[tuple[int, int], _Keys] = {}
+        self._newest: dict[int, int] = {}
         self.records = 0
         self.ignored = 0
         self.caught_up = False
@@ -285,8 +289,14 @@ class UsageView:
                     keys.by_window[start] = []
                 keys.by_window[start].append(record_key)
             keys.latest[record_key] = rollup.totals
-        if rollup.source_offset is not None and rollup.source_offset > keys.max_late_offset:
-            keys.max_late_offset = rollup.source_offset
+        if rollup.source_offset is not None:
+            keys.max_late_offset = max(keys.max_late_offset, rollup.source_offset)
+        elif keys.newest is None or start > keys.newest:
+            keys.newest = start
+            day = start // DAY_MS * DAY_MS
+            for size_, start_ in ((size, start), (DAY_MS, day)):
+                if size_ != DAY_MS or size == HOUR_MS:
+                    self._newest[size_] = max(self._newest.get(size_, start_), start_)
         row: RowKey = (key.tenant, key.model, key.provider, key.status, key.late)
         self._add(size, start, row, delta)
         if size == HOUR_MS:
@@ -301,7 +311,8 @@ class UsageView:
             starts = self.starts[size]
             bisect.insort(starts, start)
             keep = self.minute_keep_ms if size == MINUTE_MS else self.hour_keep_ms
-            while starts and starts[0] < starts[-1] - keep:
+            newest = self._newest.get(size, start)
+            while starts and starts[0] < newest - keep:
                 windows.pop(starts.pop(0), None)
             if start not in windows:
                 return  # older than what is kept
@@ -309,7 +320,9 @@ class UsageView:
 
     def _evict_keys(self, keys: _Keys) -> None:
         starts = keys.starts
-        while starts and starts[0] < starts[-1] - self.key_keep_ms:
+        if keys.newest is None:
+            return
+        while starts and starts[0] < keys.newest - self.key_keep_ms:
             start = starts.pop(0)
             for record_key in keys.by_window.pop(start, ()):
                 keys.latest.pop(record_key, None)

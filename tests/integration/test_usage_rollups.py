@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,8 @@ async def test_late_data_within_grace_updates_its_window_beyond_is_marked(
 
     settings = isolated_settings(broker, tmp_path, rollup_late_grace_s=60)
     await make_topics(settings)
-    now = 1_760_000_000_000 // 60_000 * 60_000  # a window boundary
+    now = int(time.time() * 1000) // 60_000 * 60_000  # a window boundary
+    absurd = 1_000_000_000_000_000_000_000_000_000_000
 
     def response(cid: str, started_ms: int) -> bytes:
         chunks = make_stream("openai-text", cid, random.Random(1)).chunks
@@ -135,6 +137,9 @@ async def test_late_data_within_grace_updates_its_window_beyond_is_marked(
             RecordMeta(),
         ),  # window ended at now: within 60 s
         (b"r-late", response("r-late", now - 600_000), RecordMeta()),  # ended 9 min ago: beyond
+        # an absurd request time (issue 12): counted as late, never moves stream time
+        (b"r-absurd", response("r-absurd", absurd), RecordMeta()),
+        (b"r-after", response("r-after", now + 6_000), RecordMeta()),  # still on time
     ]
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()
     try:
@@ -143,12 +148,29 @@ async def test_late_data_within_grace_updates_its_window_beyond_is_marked(
         rows: list[dict[str, Any]] = []
         for _ in range(40):
             rows = json.loads(worker.get("/usage?window=1m&by=tenant"))["rows"]
-            if sum(r["totals"]["requests"] for r in rows) == 3:
+            if sum(r["totals"]["requests"] for r in rows) == 5:
                 break
             await asyncio.sleep(0.25)
     finally:
         worker.stop()
+    for window in ("1m", "1d"):
+        table = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "processor", "usage", "--window", window, "--by", "tenant"],
+            env={**env_for(settings), "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert table.returncode == 0, table.stderr
+        assert "late" in table.stdout
     windows = {
         (r["key"]["window_start_ms"], r["key"]["late"]): r["totals"]["requests"] for r in rows
     }
-    assert windows == {(now, False): 1, (now - 60_000, False): 1, (now - 600_000, True): 1}
+    assert windows == {
+        (now, False): 2,
+        (now - 60_000, False): 1,
+        (now - 600_000, True): 1,
+        (absurd // 60_000 * 60_000, True): 1,
+    }

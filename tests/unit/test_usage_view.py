@@ -139,3 +139,13 @@ def test_window_labels_never_raise() -> None:
     assert window_label(T0) == "2025-10-09 08:00"
     assert window_label(10**30).startswith("@")
     assert window_label(-5).startswith("@")
+
+
+def test_a_late_increment_at_an_absurd_time_does_not_push_recent_rows_out() -> None:
+    view = UsageView(minute_keep_ms=HOUR, key_keep_ms=HOUR)
+    view.apply(*rollup(T0, 2))
+    view.apply(*rollup(10**30 // MIN * MIN, 1, late=True, offset=3))
+    view.apply(*rollup(T0, 4))  # the open bucket re-published: still replaces its total
+    page = view.query(UsageQuery.parse({"window": "1m", "by": "tenant"}, now_ms=NOW))
+    assert requests(page)[0] == (T0, "acme", 4)
+    assert len(page["rows"]) == 2
