@@ -12,6 +12,7 @@ BENCHMARKS: dict[str, str] = {
     "profile": "benchmarks.profile",
     "publisher": "benchmarks.publisher",
     "restart": "benchmarks.restart",
+    "soak": "benchmarks.soak",
 }
 
 

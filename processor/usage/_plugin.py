@@ -324,7 +324,7 @@ def register(app: faust.App, settings: Settings) -> None:
                     status=503,
                     headers={"Retry-After": "1"},
                 )
-            return self.json(page)
+            return self.bytes(page, content_type="application/json")
 
 
 async def _acknowledged(acks: list[Any], settings: Settings, what: str) -> None:

@@ -34,10 +34,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from processor.core import WINDOWS_MS, combine, result, zero
+from processor.core import WINDOWS_MS, combine, percentile, zero
 from processor.logs import get_logger
 from processor.settings import Settings
-from topics import UsageKey, UsageRollup, UsageTotals
+from topics import UsageRollup, UsageTotals
 
 __all__ = [
     "DIMENSIONS",
@@ -187,6 +187,33 @@ def _decode_cursor(cursor: str, window: str) -> tuple[int, tuple[str, ...]]:
             "cursor is not one this query returned: pass next_cursor unchanged, with the "
             "same window"
         ) from None
+
+
+def _row(start: int, size: int, group: tuple[str, ...], t: UsageTotals) -> dict[str, Any]:
+    """What ``result(key, totals).model_dump()`` gives (minus the source fields), built
+    directly: a page of rows is the only work a query does, so it stays cheap."""
+    return {
+        "key": {
+            "window_start_ms": start,
+            "window_ms": size,
+            "tenant": group[0],
+            "model": group[1],
+            "provider": group[2],
+            "status": group[3],
+            "late": group[4] == "True",
+        },
+        "totals": {name: getattr(t, name) for name in _FIELDS},
+        "ttfc_ms_p50": percentile(t.ttfc_ms_buckets, 0.5),
+        "ttfc_ms_p95": percentile(t.ttfc_ms_buckets, 0.95),
+        "ttfc_ms_p99": percentile(t.ttfc_ms_buckets, 0.99),
+        "duration_ms_p50": percentile(t.duration_ms_buckets, 0.5),
+        "duration_ms_p95": percentile(t.duration_ms_buckets, 0.95),
+        "duration_ms_p99": percentile(t.duration_ms_buckets, 0.99),
+        "output_tokens_per_s": (
+            t.rate_tokens * 1000 / t.rate_duration_ms if t.rate_duration_ms else None
+        ),
+        "cost_usd": t.cost_nano_usd / 1e9,
+    }
 
 
 def _diff(new: UsageTotals, old: UsageTotals) -> UsageTotals:
@@ -366,20 +393,7 @@ class UsageView:
                         last = out[-1]["key"]
                         next_cursor = _encode_cursor(q.window, last["window_start_ms"], last_group)
                         break
-                    key = UsageKey(
-                        window_start_ms=start,
-                        window_ms=size,
-                        tenant=group[0],
-                        model=group[1],
-                        provider=group[2],
-                        status=group[3],
-                        late=group[4] == "True",
-                    )
-                    out.append(
-                        result(key, groups[group]).model_dump(
-                            exclude={"source_partition", "source_offset", "final"}
-                        )
-                    )
+                    out.append(_row(start, size, group, groups[group]))
                     last_group = group
                 if next_cursor is not None:
                     break
@@ -451,9 +465,10 @@ class ViewRunner:
         self._thread.start()
         return self
 
-    async def ask(self, query: UsageQuery) -> dict[str, Any] | None:
-        """Answer ``query`` in the view's own thread (the caller's loop only awaits);
-        None if the view is still catching up after ``usage_view_wait_s``."""
+    async def ask(self, query: UsageQuery) -> bytes | None:
+        """Answer ``query`` in the view's own thread, JSON-encoded there too (the caller's
+        loop only awaits the bytes); None if the view is still catching up after
+        ``usage_view_wait_s``."""
         waited = 0.0
         while self._loop is None or not self.view.caught_up:
             if waited >= self.settings.usage_view_wait_s:
@@ -462,8 +477,8 @@ class ViewRunner:
             waited += 0.05
         loop = self._loop
 
-        async def answer() -> dict[str, Any]:
-            return self.view.query(query)
+        async def answer() -> bytes:
+            return json.dumps(self.view.query(query), separators=(",", ":")).encode()
 
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(answer(), loop))
 
@@ -510,8 +525,9 @@ class ViewRunner:
             while not self._stop.is_set():
                 batch = await consumer.getmany(timeout_ms=500, max_records=2000)
                 for records in batch.values():
-                    view.apply_records((r.key, r.value) for r in records)
-                    await asyncio.sleep(0)  # let queries in between
+                    for i in range(0, len(records), 100):
+                        view.apply_records((r.key, r.value) for r in records[i : i + 100])
+                        await asyncio.sleep(0)  # let queries in between
                 if not view.caught_up:
                     done = True
                     for tp in parts:

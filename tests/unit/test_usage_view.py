@@ -149,3 +149,12 @@ def test_a_late_increment_at_an_absurd_time_does_not_push_recent_rows_out() -> N
     page = view.query(UsageQuery.parse({"window": "1m", "by": "tenant"}, now_ms=NOW))
     assert requests(page)[0] == (T0, "acme", 4)
     assert len(page["rows"]) == 2
+
+
+def test_rows_are_what_the_rollup_model_gives() -> None:
+    from processor.usage._view import _row
+
+    _, r = rollup(T0, 3)
+    totals = r.totals.model_copy(update={"rate_tokens": 30, "rate_duration_ms": 1500})
+    want = result(r.key, totals).model_dump(exclude={"source_partition", "source_offset", "final"})
+    assert _row(T0, MIN, ("acme", "m", "p", "complete", "False"), totals) == want

@@ -1,0 +1,364 @@
+"""Soak: does a worker stay bounded as history grows? (``./dev bench soak``)
+
+Publishes ``--completions`` tiny completions (one chunk with usage plus an end marker,
+through a raw batched aiokafka producer) whose request times are spread evenly over 30
+simulated days, in ``--phases`` phases. After every phase the worker is killed with
+SIGKILL and restarted. At each phase it reports the worker's RSS, the time from the
+restart to the first response of the new phase, ``GET /usage`` latency (p50/p99 of a
+mix of queries, 8 at a time) and, next to the worker's, the embedded broker's own RSS
+and CPU (its memory store never deletes anything, so it grows with the run). At the end
+the totals on ``/usage`` are checked against the number of completions published.
+
+Targets (issue 13): RSS after warm-up within 25% of its first value; restart-to-first-
+output last/first <= 1.5; /usage p99 not growing with history.
+
+One fresh embedded broker per run, loopback only, every loop bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from processor.admin import create_topics
+from processor.broker import EmbeddedBroker, free_port
+from processor.settings import Settings
+from topics import RecordMeta, encode_headers
+
+DAY_MS = 86_400_000
+TENANTS = ("acme", "globex", "initech", "umbrella", "hooli")
+MODELS = ("gpt-4o-mini", "claude-sonnet", "llama-3-70b")
+T_END = int(time.time() * 1000) // DAY_MS * DAY_MS
+T_START = T_END - 30 * DAY_MS
+
+
+def _records(first: int, count: int, total: int) -> list[tuple[bytes, bytes, list[Any]]]:
+    out = []
+    span = T_END - T_START
+    for i in range(first, first + count):
+        cid = f"soak-{i:08d}"
+        tenant = TENANTS[i % len(TENANTS)]
+        model = MODELS[i % len(MODELS)]
+        started = T_START + span * i // total
+        chunk = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": started // 1000,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": "ok"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": 10 + i % 7,
+                "completion_tokens": 3,
+                "total_tokens": 13 + i % 7,
+            },
+        }
+        meta = RecordMeta(seq=0, tenant=tenant, provider="openai", started_at_ms=started)
+        key = cid.encode()
+        out.append((key, json.dumps(chunk).encode(), encode_headers(meta)))
+        out.append((key, b"", encode_headers(RecordMeta(end_count=1, end_reason="done"))))
+    return out
+
+
+async def _publish(broker: str, topic: str, records: list[Any]) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=broker, acks=1, linger_ms=20, max_batch_size=512 * 1024
+    )
+    await producer.start()
+    try:
+        pending = []
+        for key, value, headers in records:
+            pending.append(await producer.send(topic, value, key=key, headers=headers))
+            if len(pending) >= 20_000:
+                await asyncio.gather(*pending)
+                pending = []
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+
+
+class Outputs:
+    """Counts distinct completion ids on the responses topic (a background consumer)."""
+
+    def __init__(self, broker: str, topic: str) -> None:
+        self.broker, self.topic = broker, topic
+        self.seen: set[bytes] = set()
+        self.records = 0
+        self.first_at: dict[int, float] = {}
+        self.phase_of: dict[bytes, int] = {}
+        self._stop = asyncio.Event()
+
+    async def run(self, per_phase: int) -> None:
+        consumer = AIOKafkaConsumer(
+            self.topic, bootstrap_servers=self.broker, auto_offset_reset="earliest", group_id=None
+        )
+        await consumer.start()
+        try:
+            while not self._stop.is_set():
+                batch = await consumer.getmany(timeout_ms=200, max_records=10_000)
+                now = time.monotonic()
+                for recs in batch.values():
+                    for rec in recs:
+                        self.records += 1
+                        if rec.key is None or rec.key in self.seen:
+                            continue
+                        self.seen.add(rec.key)
+                        phase = int(rec.key[5:]) // per_phase
+                        self.first_at.setdefault(phase, now)
+        finally:
+            await consumer.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+async def _records_on(broker: str, topics: list[str]) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker, group_id=None)
+    await consumer.start()
+    try:
+        from aiokafka import TopicPartition
+
+        tps = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()]
+        ends = await consumer.end_offsets(tps)
+        return int(sum(ends.values()))
+    finally:
+        await consumer.stop()
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _get(port: int, path: str, timeout: float = 30) -> tuple[float, bytes]:
+    t = time.perf_counter()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+        body = r.read()
+    return time.perf_counter() - t, body
+
+
+def _ready(port: int) -> bool:
+    try:
+        return bool(json.loads(_get(port, "/readyz", 1)[1])["ready"])
+    except Exception:
+        return False
+
+
+def _usage_latency(port: int, requests: int = 48) -> tuple[float, float]:
+    """p50 and p99 (ms) of a mix of /usage queries, 8 in flight."""
+    since = T_END - 2 * DAY_MS
+    paths = [
+        "/usage?window=1d&by=tenant",
+        f"/usage?window=1h&by=tenant,model&since={since}&limit=500",
+        "/usage?window=1m&by=tenant&since=3h&limit=100",
+        "/usage?window=1d&by=model&tenant=acme",
+    ]
+    with ThreadPoolExecutor(8) as pool:
+        lat = list(pool.map(lambda i: _get(port, paths[i % len(paths)])[0], range(requests)))
+    lat.sort()
+    return statistics.median(lat) * 1000, lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000
+
+
+def _worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    out = log.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "processor", "worker"],
+        env={**os.environ, **settings.to_env()},
+        stdout=out,
+        stderr=out,
+    )
+
+
+def _wait(check: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} did not happen within {timeout_s:.0f}s")
+
+
+async def soak(completions: int, phases: int, partitions: int, tmp: Path) -> list[dict[str, Any]]:
+    per_phase = completions // phases
+    rows: list[dict[str, Any]] = []
+    with EmbeddedBroker(log_path=tmp / "broker.log") as broker:
+        assert broker._proc is not None
+        bpid = broker._proc.pid
+        settings = Settings(
+            broker=broker.bootstrap,
+            app_id=f"soak-{random.randrange(1 << 30)}",
+            partitions=partitions,
+            session_timeout_s=3,
+            heartbeat_interval_s=0.5,
+            idle_timeout_s=10,
+            data_dir=str(tmp / "data"),
+            log_level="WARNING",
+            web_port=free_port(),
+            # the dedup horizon counts real time: a soak compresses 30 days into minutes,
+            # so the default 10 min would hold a large part of the whole run
+            usage_dedup_s=60,
+        )
+        await create_topics(settings)
+        outputs = Outputs(broker.bootstrap, settings.topic_responses)
+        reader = asyncio.ensure_future(outputs.run(per_phase))
+        proc = _worker(settings, tmp / "worker.log")
+        await asyncio.to_thread(_wait, lambda: _ready(settings.web_port), 90, "worker ready")
+        began = time.monotonic()
+        broker_cpu0 = _cpu_s(bpid)
+        try:
+            for phase in range(phases):
+                spawned = time.monotonic()
+                if phase:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait(timeout=10)
+                    spawned = time.monotonic()
+                    proc = _worker(settings, tmp / "worker.log")
+                t_pub = time.monotonic()
+                await _publish(
+                    broker.bootstrap,
+                    settings.topic_chunks,
+                    _records(phase * per_phase, per_phase, completions),
+                )
+                publish_s = time.monotonic() - t_pub
+                want = (phase + 1) * per_phase
+                deadline = time.monotonic() + 1800
+                last_print = 0.0
+                while len(outputs.seen) < want:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"worker exited with {proc.returncode}; see {tmp}")
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"phase {phase}: {len(outputs.seen)}/{want} outputs")
+                    if time.monotonic() - last_print > 10:
+                        last_print = time.monotonic()
+                        print(
+                            f"  phase {phase + 1}/{phases}: {len(outputs.seen):,}/{want:,} "
+                            f"completions out, {time.monotonic() - began:.0f}s",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    await asyncio.sleep(0.2)
+                first = outputs.first_at.get(phase, time.monotonic())
+                await asyncio.sleep(2.5)  # rollups published (every 1 s), view updated
+                p50, p99 = await asyncio.to_thread(_usage_latency, settings.web_port)
+                row = {
+                    "phase": phase + 1,
+                    "completions": want,
+                    "worker_rss_mb": _rss_mb(proc.pid),
+                    "restart_to_first_s": (first - spawned) if phase else None,
+                    "phase_s": time.monotonic() - spawned,
+                    "publish_s": publish_s,
+                    "usage_p50_ms": p50,
+                    "usage_p99_ms": p99,
+                    "broker_rss_mb": _rss_mb(bpid),
+                    "broker_cpu_s": _cpu_s(bpid) - broker_cpu0,
+                    "worker_cpu_s": _cpu_s(proc.pid),
+                    "responses_records": outputs.records,
+                }
+                rows.append(row)
+                _print_row(row)
+            total = 0
+            for _ in range(120):  # the usage agent may still be folding the last phase
+                _, body = await asyncio.to_thread(_get, settings.web_port, "/usage?window=1d&by=")
+                total = sum(r["totals"]["requests"] for r in json.loads(body)["rows"])
+                if total >= phases * per_phase:
+                    break
+                await asyncio.sleep(0.5)
+            rollup_records = await _records_on(
+                broker.bootstrap, [settings.topic_rollups, settings.rollups_hourly_topic]
+            )
+            rows.append(
+                {
+                    "usage_total": total,
+                    "published": phases * per_phase,
+                    "rollup_records": rollup_records,
+                }
+            )
+        finally:
+            outputs.stop()
+            await reader
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return rows
+
+
+HEADER = (
+    "| phase | completions | worker RSS | restart -> first output | /usage p50 | /usage p99 "
+    "| broker RSS | broker CPU (cum.) | worker CPU (this process) |"
+)
+
+
+def _print_row(r: dict[str, Any]) -> None:
+    restart = f"{r['restart_to_first_s']:.1f} s" if r["restart_to_first_s"] is not None else "-"
+    print(
+        f"| {r['phase']} | {r['completions']:,} | {r['worker_rss_mb']:.0f} MB | {restart} "
+        f"| {r['usage_p50_ms']:.1f} ms | {r['usage_p99_ms']:.1f} ms | {r['broker_rss_mb']:.0f} MB "
+        f"| {r['broker_cpu_s']:.0f} s | {r['worker_cpu_s']:.0f} s |",
+        flush=True,
+    )
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks soak")
+    parser.add_argument("--completions", type=int, default=1_000_000)
+    parser.add_argument("--phases", type=int, default=10)
+    parser.add_argument("--partitions", type=int, default=4)
+    args = parser.parse_args(argv)
+    print(
+        f"soak: {args.completions:,} completions over 30 simulated days, {args.phases} "
+        f"phases, kill -9 + restart between phases, {args.partitions} partitions",
+        flush=True,
+    )
+    print(HEADER)
+    print("|" + "---|" * 9)
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="cs-soak-") as tmp:
+        rows = asyncio.run(soak(args.completions, args.phases, args.partitions, Path(tmp)))
+    check = rows.pop()
+    print(f"\nrun took {time.monotonic() - t0:.0f} s")
+    print(
+        f"/usage total requests {check['usage_total']:,} of {check['published']:,} published "
+        f"({'exact' if check['usage_total'] == check['published'] else 'MISMATCH'}); "
+        f"{check['rollup_records']:,} rollup records on the two rollup topics"
+    )
+    if len(rows) >= 3:
+        warm = rows[1]["worker_rss_mb"]
+        worst = max(abs(r["worker_rss_mb"] - warm) / warm for r in rows[1:])
+        restarts = [r["restart_to_first_s"] for r in rows if r["restart_to_first_s"] is not None]
+        print(f"RSS after warm-up (phase 2 on): within {worst:.0%} of {warm:.0f} MB (target 25%)")
+        print(
+            f"restart -> first output last/first: {restarts[-1] / restarts[0]:.2f} (target <= 1.5)"
+        )
+        print(
+            f"/usage p99 first/last: {rows[0]['usage_p99_ms']:.1f} / "
+            f"{rows[-1]['usage_p99_ms']:.1f} ms"
+        )
