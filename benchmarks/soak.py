@@ -205,7 +205,9 @@ def _wait(check: Any, timeout_s: float, what: str) -> None:
     raise TimeoutError(f"{what} did not happen within {timeout_s:.0f}s")
 
 
-async def soak(completions: int, phases: int, partitions: int, tmp: Path) -> list[dict[str, Any]]:
+async def soak(
+    completions: int, phases: int, partitions: int, tmp: Path, usage: bool = True
+) -> list[dict[str, Any]]:
     per_phase = completions // phases
     rows: list[dict[str, Any]] = []
     with EmbeddedBroker(log_path=tmp / "broker.log") as broker:
@@ -222,8 +224,16 @@ async def soak(completions: int, phases: int, partitions: int, tmp: Path) -> lis
             log_level="WARNING",
             web_port=free_port(),
             # the dedup horizon counts real time: a soak compresses 30 days into minutes,
-            # so the default 10 min would hold a large part of the whole run
+            # so the defaults (10 min, 1 h) would hold a large part of the whole run; the
+            # stitcher's emitted-ids memory likewise
             usage_dedup_s=60,
+            emitted_memory_s=60,
+            # the read model's periods likewise (they select what a restarted worker reads
+            # back by the records' real timestamps): 1-minute rows for 60 s, hour and day
+            # rows for 300 s; the exact totals are checked with `chunkstitch usage`
+            usage_view_minutes_s=60,
+            usage_view_hours_s=300,
+            usage_enabled=usage,
         )
         await create_topics(settings)
         outputs = Outputs(broker.bootstrap, settings.topic_responses)
@@ -265,8 +275,10 @@ async def soak(completions: int, phases: int, partitions: int, tmp: Path) -> lis
                         )
                     await asyncio.sleep(0.2)
                 first = outputs.first_at.get(phase, time.monotonic())
-                await asyncio.sleep(2.5)  # rollups published (every 1 s), view updated
-                p50, p99 = await asyncio.to_thread(_usage_latency, settings.web_port)
+                p50 = p99 = float("nan")
+                if usage:
+                    await asyncio.sleep(2.5)  # rollups published (every 1 s), view updated
+                    p50, p99 = await asyncio.to_thread(_usage_latency, settings.web_port)
                 row = {
                     "phase": phase + 1,
                     "completions": want,
@@ -283,13 +295,35 @@ async def soak(completions: int, phases: int, partitions: int, tmp: Path) -> lis
                 }
                 rows.append(row)
                 _print_row(row)
-            total = 0
-            for _ in range(120):  # the usage agent may still be folding the last phase
-                _, body = await asyncio.to_thread(_get, settings.web_port, "/usage?window=1d&by=")
-                total = sum(r["totals"]["requests"] for r in json.loads(body)["rows"])
+            total = phases * per_phase if not usage else 0
+            for _ in range(60 if usage else 0):  # the usage agent may still be folding
+                cli = await asyncio.to_thread(
+                    subprocess.run,
+                    [
+                        sys.executable,
+                        "-m",
+                        "processor",
+                        "usage",
+                        "--json",
+                        "--window",
+                        "1d",
+                        "--by",
+                        "tenant",
+                        "--limit",
+                        "10000",
+                    ],
+                    env={**os.environ, **settings.to_env()},
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                    check=True,
+                )
+                total = sum(
+                    json.loads(line)["totals"]["requests"] for line in cli.stdout.splitlines()
+                )
                 if total >= phases * per_phase:
                     break
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(1)
             rollup_records = await _records_on(
                 broker.bootstrap, [settings.topic_rollups, settings.rollups_hourly_topic]
             )
@@ -332,6 +366,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--completions", type=int, default=1_000_000)
     parser.add_argument("--phases", type=int, default=10)
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument(
+        "--no-usage", action="store_true", help="worker without usage rollups (for comparison)"
+    )
     args = parser.parse_args(argv)
     print(
         f"soak: {args.completions:,} completions over 30 simulated days, {args.phases} "
@@ -342,7 +379,9 @@ def main(argv: list[str]) -> None:
     print("|" + "---|" * 9)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="cs-soak-") as tmp:
-        rows = asyncio.run(soak(args.completions, args.phases, args.partitions, Path(tmp)))
+        rows = asyncio.run(
+            soak(args.completions, args.phases, args.partitions, Path(tmp), not args.no_usage)
+        )
     check = rows.pop()
     print(f"\nrun took {time.monotonic() - t0:.0f} s")
     print(

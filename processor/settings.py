@@ -188,6 +188,12 @@ class Settings(BaseSettings):
     usage_view_minutes_s: float = Field(
         default=6 * 3600.0, gt=0, description="The read model keeps 1-minute rows this long."
     )
+    usage_view_hours_s: float = Field(
+        default=35 * 86400.0,
+        gt=0,
+        description="The read model keeps 1-hour and 1-day rows this long (longer history: "
+        "the PostgreSQL sink).",
+    )
     usage_query_limit_max: int = Field(default=10_000, ge=1)
     usage_view_wait_s: float = Field(
         default=10.0, ge=0, description="/usage waits this long for the read model to catch up."
@@ -204,7 +210,7 @@ class Settings(BaseSettings):
     retention_chunks_s: float = Field(default=86400.0, gt=0)
     retention_responses_s: float = Field(default=7 * 86400.0, gt=0)
     retention_rollups_s: float = Field(default=2 * 86400.0, gt=0)
-    retention_rollups_hourly_s: float = Field(default=400 * 86400.0, gt=0)
+    retention_rollups_hourly_s: float = Field(default=35 * 86400.0, gt=0)
     retention_deadletter_s: float = Field(default=14 * 86400.0, gt=0)
     retention_ledger_s: float = Field(default=86400.0, gt=0)
 

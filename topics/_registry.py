@@ -44,7 +44,7 @@ class TopicNames:
     rollups_retention_ms: int = 2 * DAY_MS
     """1-minute rollups: the live read model's recent period (1 h and 1 d come from the
     hourly topic)."""
-    rollups_hourly_retention_ms: int = 400 * DAY_MS
+    rollups_hourly_retention_ms: int = 35 * DAY_MS
     deadletter_retention_ms: int = 14 * DAY_MS
     ledger_retention_ms: int = DAY_MS
     """At least as long as the worker uses the ledger (its emitted-ids memory)."""

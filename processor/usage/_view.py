@@ -408,7 +408,7 @@ class UsageView:
 def view_for(settings: Settings) -> UsageView:
     return UsageView(
         minute_keep_ms=int(settings.usage_view_minutes_s * 1000),
-        hour_keep_ms=int(settings.retention_rollups_hourly_s * 1000),
+        hour_keep_ms=int(settings.usage_view_hours_s * 1000),
     )
 
 
@@ -503,6 +503,29 @@ class ViewRunner:
                 backoff = min(backoff * 2, 30.0)
                 self.view = view_for(self.settings)  # start over: answers 503 until caught up
 
+    async def _seek_to_period(self, consumer: Any, parts: list[Any]) -> None:
+        """Start each rollup partition at the first record written within the period the
+        view keeps (plus a margin for windows still open when they were written), so
+        that a restart reads what the view holds, not the topic's whole retention."""
+        now = int(time.time() * 1000)
+        since = {}
+        for tp in parts:
+            keep = (
+                self.view.minute_keep_ms
+                if tp.topic == self.settings.topic_rollups
+                else self.view.hour_keep_ms
+            )
+            since[tp] = max(now - keep - HOUR_MS, 0)
+        found = await consumer.offsets_for_times(since)
+        ends = await consumer.end_offsets(parts)
+        for tp in parts:
+            hit = found.get(tp)
+            if hit is None or hit.timestamp < 0:
+                # no record that new (the embedded broker says offset 0, timestamp -1)
+                consumer.seek(tp, ends[tp])
+            else:
+                consumer.seek(tp, hit.offset)
+
     async def _consume(self) -> None:
         from aiokafka import AIOKafkaConsumer
 
@@ -519,7 +542,7 @@ class ViewRunner:
             parts = _partitions(self.settings)
             consumer.assign(parts)
             view = self.view
-            await consumer.seek_to_beginning(*parts)
+            await self._seek_to_period(consumer, parts)
             targets: dict[Any, int] = {}
             began = time.monotonic()
             while not self._stop.is_set():
