@@ -346,15 +346,16 @@ async def soak(
 
 
 HEADER = (
-    "| phase | completions | worker RSS | restart -> first output | /usage p50 | /usage p99 "
-    "| broker RSS | broker CPU (cum.) | worker CPU (this process) |"
+    "| phase | completions | phase time | worker RSS | restart -> first output | /usage p50 "
+    "| /usage p99 | broker RSS | broker CPU (cum.) | worker CPU (this process) |"
 )
 
 
 def _print_row(r: dict[str, Any]) -> None:
     restart = f"{r['restart_to_first_s']:.1f} s" if r["restart_to_first_s"] is not None else "-"
     print(
-        f"| {r['phase']} | {r['completions']:,} | {r['worker_rss_mb']:.0f} MB | {restart} "
+        f"| {r['phase']} | {r['completions']:,} | {r['phase_s']:.0f} s "
+        f"| {r['worker_rss_mb']:.0f} MB | {restart} "
         f"| {r['usage_p50_ms']:.1f} ms | {r['usage_p99_ms']:.1f} ms | {r['broker_rss_mb']:.0f} MB "
         f"| {r['broker_cpu_s']:.0f} s | {r['worker_cpu_s']:.0f} s |",
         flush=True,
@@ -376,7 +377,7 @@ def main(argv: list[str]) -> None:
         flush=True,
     )
     print(HEADER)
-    print("|" + "---|" * 9)
+    print("|" + "---|" * 10)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="cs-soak-") as tmp:
         rows = asyncio.run(

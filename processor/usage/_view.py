@@ -25,6 +25,7 @@ import base64
 import bisect
 import json
 import re
+import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -426,13 +427,28 @@ async def load_view(settings: Settings) -> UsageView:
     """A view of everything on the rollup topics now (``chunkstitch usage``: one read)."""
     from processor.kafka import read_to_end
 
-    view = view_for(settings)
+    view = UsageView(  # one-shot: whatever the topics keep, not the worker's periods
+        minute_keep_ms=int(settings.retention_rollups_s * 1000),
+        hour_keep_ms=int(settings.retention_rollups_hourly_s * 1000),
+    )
 
     def fold(records: list[Any]) -> None:
         view.apply_records((r.key, r.value) for r in records)
 
+    def progress(p: Any) -> None:  # stderr: stdout may be --json
+        print(
+            f"reading the rollup topics: {p.records:,} records, {p.behind:,} to go "
+            f"({p.elapsed_s:.0f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
     await read_to_end(
-        settings, _partitions(settings), timeout_s=settings.usage_read_stall_s, on_records=fold
+        settings,
+        _partitions(settings),
+        timeout_s=settings.usage_read_stall_s,
+        on_records=fold,
+        on_progress=progress,
     )
     view.caught_up = True
     return view
@@ -515,7 +531,7 @@ class ViewRunner:
                 if tp.topic == self.settings.topic_rollups
                 else self.view.hour_keep_ms
             )
-            since[tp] = max(now - keep - HOUR_MS, 0)
+            since[tp] = max(now - keep - min(keep, HOUR_MS), 0)
         found = await consumer.offsets_for_times(since)
         ends = await consumer.end_offsets(parts)
         for tp in parts:
