@@ -230,9 +230,9 @@ async def soak(
             emitted_memory_s=60,
             # the read model's periods likewise (they select what a restarted worker reads
             # back by the records' real timestamps): 1-minute rows for 60 s, hour and day
-            # rows for 300 s; the exact totals are checked with `chunkstitch usage`
+            # rows for 60 s; the exact totals are checked with `chunkstitch usage`
             usage_view_minutes_s=60,
-            usage_view_hours_s=300,
+            usage_view_hours_s=60,
             usage_enabled=usage,
         )
         await create_topics(settings)
