@@ -13,6 +13,7 @@ BENCHMARKS: dict[str, str] = {
     "publisher": "benchmarks.publisher",
     "restart": "benchmarks.restart",
     "soak": "benchmarks.soak",
+    "usage_read": "benchmarks.usage_read",
 }
 
 
