@@ -106,6 +106,10 @@ class UsageRollup(BaseModel):
     source_partition: int | None = None
     source_offset: int | None = None
     """Set on a late increment: the offset of the one completion it counts."""
+    as_of_offset: int | None = None
+    """The source partition's ``next_offset`` when this total was taken: a reader (or
+    store) keeps, per key, the record with the highest one, so a total written from an
+    older state (a worker that lost the partition) never replaces a newer one."""
     final: bool = False
     """The window has closed on its source partition: these totals never change again
     (late data beyond the grace arrives as separate increments)."""

@@ -192,6 +192,7 @@ class PartitionUsage:
         self.changed.clear()
         out.extend(self.late_out)
         self.late_out.clear()
+        out = [r.model_copy(update={"as_of_offset": self.next_offset}) for r in out]
         checkpoint = None
         if self.next_offset != self._checkpointed_offset or out:
             checkpoint = self.checkpoint()

@@ -232,7 +232,8 @@ class _Keys:
     """The last total per rollup key of one (resolution, source partition), for a bounded
     period of windows; older windows are below ``watermark``."""
 
-    latest: dict[str, UsageTotals] = field(default_factory=dict)
+    latest: dict[str, tuple[int, UsageTotals]] = field(default_factory=dict)
+    """record key -> (as_of_offset, totals) of the newest state seen."""
     by_window: dict[int, list[str]] = field(default_factory=dict)
     starts: list[int] = field(default_factory=list)
     watermark: int | None = None
@@ -299,7 +300,14 @@ class UsageView:
         self.records += 1
         keys = self._keys.setdefault((size, rollup.source_partition or 0), _Keys())
         start = key.window_start_ms
-        old = keys.latest.get(record_key)
+        seen = keys.latest.get(record_key)
+        as_of = rollup.as_of_offset if rollup.as_of_offset is not None else -1
+        if seen is not None and as_of < seen[0]:
+            # written from an older state of the source partition (a worker that lost
+            # the partition, or a re-publication racing a newer one): never go back
+            self.ignored += 1
+            return
+        old = seen[1] if seen is not None else None
         if old is None and keys.watermark is not None and start < keys.watermark:
             # The last totals of this window were forgotten (bounded memory). A late
             # increment is new if its source offset is above every one seen; anything
@@ -316,7 +324,7 @@ class UsageView:
                     bisect.insort(keys.starts, start)
                     keys.by_window[start] = []
                 keys.by_window[start].append(record_key)
-            keys.latest[record_key] = rollup.totals
+            keys.latest[record_key] = (as_of, rollup.totals)
         if rollup.source_offset is not None:
             keys.max_late_offset = max(keys.max_late_offset, rollup.source_offset)
         elif keys.newest is None or start > keys.newest:

@@ -156,5 +156,17 @@ def test_rows_are_what_the_rollup_model_gives() -> None:
 
     _, r = rollup(T0, 3)
     totals = r.totals.model_copy(update={"rate_tokens": 30, "rate_duration_ms": 1500})
-    want = result(r.key, totals).model_dump(exclude={"source_partition", "source_offset", "final"})
+    want = result(r.key, totals).model_dump(
+        exclude={"source_partition", "source_offset", "as_of_offset", "final"}
+    )
     assert _row(T0, MIN, ("acme", "m", "p", "complete", "False"), totals) == want
+
+
+def test_a_total_from_an_older_state_never_replaces_a_newer_one() -> None:
+    view = UsageView()
+    key, newer = rollup(T0, 9)
+    _, older = rollup(T0, 4)
+    view.apply(key, newer.model_copy(update={"as_of_offset": 120, "final": True}))
+    view.apply(key, older.model_copy(update={"as_of_offset": 80}))  # a zombie's late write
+    page = view.query(UsageQuery.parse({"window": "1m", "by": "tenant"}, now_ms=NOW))
+    assert requests(page) == [(T0, "acme", 9)]
