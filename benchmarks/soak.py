@@ -228,6 +228,7 @@ async def soak(
             # stitcher's emitted-ids memory likewise
             usage_dedup_s=60,
             emitted_memory_s=60,
+            max_lifetime_s=30,  # must stay below the emitted memory; one chunk each here
             # the read model's periods likewise (they select what a restarted worker reads
             # back by the records' real timestamps): 1-minute rows for 60 s, hour and day
             # rows for 60 s; the exact totals are checked with `chunkstitch usage`
