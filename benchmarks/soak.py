@@ -145,6 +145,26 @@ async def _records_on(broker: str, topics: list[str]) -> int:
         await consumer.stop()
 
 
+def _metrics(port: int) -> dict[str, float]:
+    """The worker's own figures of what it holds (usage side and stitcher)."""
+    want = {
+        "chunkstitch_usage_open_buckets": "open_buckets",
+        "chunkstitch_usage_dedup_ids": "dedup_ids",
+        "chunkstitch_usage_late_completions_total": "late",
+        "chunkstitch_streams_in_flight": "in_flight",
+    }
+    out = dict.fromkeys(want.values(), 0.0)
+    try:
+        text = _get(port, "/metrics")[1].decode()
+    except Exception:
+        return out
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in want:
+            out[want[name]] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -280,7 +300,9 @@ async def soak(
                 if usage:
                     await asyncio.sleep(2.5)  # rollups published (every 1 s), view updated
                     p50, p99 = await asyncio.to_thread(_usage_latency, settings.web_port)
+                gauges = _metrics(settings.web_port)
                 row = {
+                    **gauges,
                     "phase": phase + 1,
                     "completions": want,
                     "worker_rss_mb": _rss_mb(proc.pid),
@@ -359,6 +381,12 @@ def _print_row(r: dict[str, Any]) -> None:
         f"| {r['worker_rss_mb']:.0f} MB | {restart} "
         f"| {r['usage_p50_ms']:.1f} ms | {r['usage_p99_ms']:.1f} ms | {r['broker_rss_mb']:.0f} MB "
         f"| {r['broker_cpu_s']:.0f} s | {r['worker_cpu_s']:.0f} s |",
+        flush=True,
+    )
+    print(
+        f"    held: {r['open_buckets']:.0f} open usage buckets, {r['dedup_ids']:.0f} dedup ids, "
+        f"{r['in_flight']:.0f} streams in flight; {r['late']:.0f} late completions so far",
+        file=sys.stderr,
         flush=True,
     )
 
