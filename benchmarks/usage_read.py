@@ -18,20 +18,26 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from benchmarks.e2e import (
     _http_ready,
-    _paced_latency,
     _percentiles,
+    _records,
     _settings,
     _stop,
     _wait_ready,
     _worker,
 )
-from benchmarks.soak import _publish, _records
+from benchmarks.soak import _publish
+from benchmarks.soak import _records as _history
 from processor.admin import create_topics
 from processor.broker import EmbeddedBroker, free_port
+from processor.settings import Settings
 
 LOAD = """
 import asyncio, sys, time
@@ -60,6 +66,55 @@ asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])))
 """
 
 
+async def _paced_latency(
+    settings: Settings, rate: float, seconds: float, *, markers_out: bool, seed: int
+) -> list[float]:
+    """As ``./dev bench e2e`` measures it (end marker sent -> response arrived), but the
+    reader starts at the end of the responses topic, after the history."""
+    del markers_out
+    n_streams = max(int(rate * seconds / 21), 10)
+    records: list[Any] = _records(n_streams, 20, seed=seed)
+    sent_at: dict[bytes, float] = {}
+    arrived_at: dict[bytes, float] = {}
+    c = AIOKafkaConsumer(
+        settings.topic_responses,
+        bootstrap_servers=settings.broker,
+        auto_offset_reset="latest",
+        group_id=None,
+        fetch_max_wait_ms=10,
+    )
+    await c.start()
+    await c.seek_to_end()
+    keys = {k for k, v, _ in records if not v}
+
+    async def reader() -> None:
+        while len(arrived_at) < len(keys):
+            batch = await c.getmany(timeout_ms=100)
+            now = time.time()
+            for recs in batch.values():
+                for r in recs:
+                    if r.key in keys:
+                        arrived_at.setdefault(r.key, now)
+
+    task = asyncio.create_task(reader())
+    p = AIOKafkaProducer(bootstrap_servers=settings.broker, acks="all", linger_ms=1)
+    await p.start()
+    start = time.monotonic()
+    for i, (k, v, h) in enumerate(records):
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if not v:
+            sent_at[k] = time.time()
+        await p.send(settings.topic_chunks, v, key=k, headers=h)
+    await p.stop()
+    try:
+        await asyncio.wait_for(task, timeout=60)
+    finally:
+        await c.stop()
+    return [max(arrived_at[k] - sent_at[k], 0.0) for k in sent_at if k in arrived_at]
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks usage_read")
     parser.add_argument("--rate", type=float, default=600.0, help="stitching records/s")
@@ -80,7 +135,7 @@ def main(argv: list[str]) -> None:
                     _publish(
                         broker.bootstrap,
                         settings.topic_chunks,
-                        _records(0, args.history, args.history),
+                        _history(0, args.history, args.history),
                     )
                 )
                 asyncio.run(asyncio.sleep(10))  # history stitched, folded and in the view
