@@ -18,11 +18,11 @@ from processor.settings import Settings
 __all__ = [
     "BrokerAuthFailed",
     "BrokerUnreachable",
+    "ReadProgress",
     "connection_error",
     "describe_error",
-    "probe_broker",
-    "ReadProgress",
     "end_offsets",
+    "probe_broker",
     "read_to_end",
     "unreachable_message",
 ]

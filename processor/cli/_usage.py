@@ -149,7 +149,9 @@ def usage(
         fail(str(exc))
     rows = page["rows"]
     if page["next_cursor"] is not None:
-        typer.echo(f"only the first {limit} rows: narrow --since/--until or raise --limit", err=True)
+        typer.echo(
+            f"only the first {limit} rows: narrow --since/--until or raise --limit", err=True
+        )
     if as_json:
         for row in rows:
             typer.echo(json.dumps(row))
