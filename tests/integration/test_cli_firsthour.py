@@ -61,19 +61,22 @@ def _response(cid: str, tenant: str, *, finished: bool = True) -> ChatCompletion
 async def _fill(settings: Settings) -> list[ChatCompletion]:
     await make_topics(settings)
     responses = [_response(LONG_ID, "acme"), _response("r2", "other", finished=False)]
+    hourly = settings.rollups_hourly_topic
     producer = AIOKafkaProducer(bootstrap_servers=settings.broker, acks="all")
     await producer.start()
     try:
         for r in responses:
             await producer.send_and_wait(settings.topic_responses, r.to_json(), key=r.id.encode())
-            key, totals = contribution(r)
-            rollup = result(key, combine(zero(), totals), 0)
-            await producer.send_and_wait(
-                settings.topic_rollups,
-                rollup.model_dump_json().encode(),
-                key=key.record_key(0).encode(),
-                partition=0,
-            )
+            # what a worker publishes: 1-minute rollups and 1-hour rollups (own topic)
+            for size, topic in ((60_000, settings.topic_rollups), (3_600_000, hourly)):
+                key, totals = contribution(r, window_ms=size)
+                rollup = result(key, combine(zero(), totals), 0)
+                await producer.send_and_wait(
+                    topic,
+                    rollup.model_dump_json().encode(),
+                    key=key.record_key(0).encode(),
+                    partition=0,
+                )
     finally:
         await producer.stop()
     return responses
