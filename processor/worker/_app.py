@@ -30,6 +30,7 @@ from processor.logs import get_logger
 from processor.settings import Settings
 from processor.worker import _faust
 from processor.worker._stitcher import Stitcher
+from processor.worker._supervise import supervisor
 from processor.worker._watchdog import EXIT_STALLED, LoopMonitor, Watchdog
 
 __all__ = ["PLUGINS", "create_app"]
@@ -128,18 +129,19 @@ def create_app(settings: Settings) -> faust.App:
     monitor = LoopMonitor(settings.stall_timeout_s)
     app.watchdog = watchdog  # type: ignore[attr-defined]
 
+    sup = supervisor(app)
+
     @app.timer(settings.tick_interval_s)  # type: ignore[untyped-decorator,unused-ignore]
+    @sup.guard("time-rule timer")  # a timer that dies stops the worker, loudly
     async def tick() -> None:
-        try:
-            _note_highwaters(app, settings, stitcher)
-            async with stitcher.lock:
-                stitcher.tick()
-                await stitcher.flush()
-            _update_lag(app, settings, stitcher)
-        except Exception as exc:  # a timer that dies must stop the worker, loudly
-            _stop_worker(app, exc, "the time-rule timer failed")
+        _note_highwaters(app, settings, stitcher)
+        async with stitcher.lock:
+            stitcher.tick()
+            await stitcher.flush()
+        _update_lag(app, settings, stitcher)
 
     @app.timer(1.0)  # type: ignore[untyped-decorator,unused-ignore]
+    @sup.guard("watchdog timer")
     async def watch() -> None:
         # Never takes the stitcher lock: it must run while a round or a ledger read waits.
         monitor.beat()
@@ -180,12 +182,16 @@ def create_app(settings: Settings) -> faust.App:
     class Readyz(View):
         async def get(self, request: Request) -> Response:
             waiting = watchdog.long_waits(min(5.0, settings.stall_timeout_s / 4))
-            ready = bool(state["assigned"]) and not app.rebalancing and not waiting
+            stopped = sup.not_running()
+            if stitcher.failure is not None:
+                stopped.append(stitcher.failure_what)
+            ready = bool(state["assigned"]) and not app.rebalancing and not waiting and not stopped
             body = {
                 "ready": ready,
                 "partitions": sorted(_assigned(app, settings)),
                 "in_flight": sum(len(p.open) for p in stitcher.parts.values()),
                 "waiting_for": waiting,
+                "not_running": stopped,
             }
             return self.json(body, status=200 if ready else 503)
 
