@@ -182,7 +182,8 @@ def create_app(settings: Settings) -> faust.App:
     class Readyz(View):
         async def get(self, request: Request) -> Response:
             waiting = watchdog.long_waits(min(5.0, settings.stall_timeout_s / 4))
-            stopped = sup.not_running()
+            # died (a timer with a long period has simply not run yet: not counted)
+            stopped = sorted(sup.dead())
             if stitcher.failure is not None:
                 stopped.append(stitcher.failure_what)
             ready = bool(state["assigned"]) and not app.rebalancing and not waiting and not stopped
