@@ -16,6 +16,7 @@ from processor.logs import get_logger
 from processor.settings import Settings
 from processor.usage._read import DIMENSIONS, aggregate, read_rollups
 from processor.usage._state import PartitionUsage
+from processor.web_auth import check_bearer
 from topics import ChatCompletion
 
 __all__ = ["register"]
@@ -110,6 +111,9 @@ def register(app: faust.App, settings: Settings) -> None:
     @app.page("/usage")
     class Usage(View):
         async def get(self, request: Request) -> Response:
+            denied = check_bearer(request.headers.get("Authorization"), settings.api_token)
+            if denied is not None:
+                return self.json(denied.body, status=denied.status, headers=denied.headers)
             query = request.query
             by = [d for d in query.get("by", ",".join(DIMENSIONS)).split(",") if d]
             try:
