@@ -39,11 +39,20 @@ TABLE = "chunkstitch_usage_rollup"
 VERSION_TABLE = "chunkstitch_schema_version"
 _STAGE = "chunkstitch_usage_rollup_in"
 DIMENSIONS = ("tenant", "model", "provider", "status")
-KEY_COLUMNS = ("window_start_ms", "window_ms", *DIMENSIONS, "late", "source_partition")
+KEY_COLUMNS = (
+    "window_start_ms",
+    "window_ms",
+    *DIMENSIONS,
+    "late",
+    "source_partition",
+    "source_offset",
+)
+"""A late increment (one completion counted after its window closed) carries the source
+offset of that completion; every other row has source_offset -1."""
 MEASURES: tuple[str, ...] = tuple(UsageTotals.model_fields)
 """Every measure of the rollup, one column each (a unit test keeps this and the schema equal)."""
 _ARRAYS = {"ttfc_ms_buckets", "duration_ms_buckets"}
-COLUMNS = (*KEY_COLUMNS, *MEASURES, "rollup_partition", "rollup_offset")
+COLUMNS = (*KEY_COLUMNS, *MEASURES, "final", "rollup_partition", "rollup_offset")
 _INT64 = (-(2**63), 2**63 - 1)
 _N_BUCKETS = len(LATENCY_BUCKETS_MS) + 1
 
@@ -63,6 +72,7 @@ CREATE TABLE {TABLE} (
     status text NOT NULL,
     late boolean NOT NULL,
     source_partition integer NOT NULL,
+    source_offset bigint NOT NULL DEFAULT -1,
     requests bigint NOT NULL DEFAULT 0,
     complete bigint NOT NULL DEFAULT 0,
     incomplete bigint NOT NULL DEFAULT 0,
@@ -79,11 +89,12 @@ CREATE TABLE {TABLE} (
     duration_ms_buckets bigint[] NOT NULL,
     rate_tokens bigint NOT NULL DEFAULT 0,
     rate_duration_ms bigint NOT NULL DEFAULT 0,
+    final boolean NOT NULL DEFAULT false,
     rollup_partition integer NOT NULL,
     rollup_offset bigint NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (window_start_ms, window_ms, tenant, model, provider, status, late,
-                 source_partition)
+                 source_partition, source_offset)
 );
 CREATE INDEX {TABLE}_time ON {TABLE} (window_ms, window_start_ms);
 COMMENT ON TABLE {TABLE} IS
@@ -173,6 +184,7 @@ def row_of(rollup: UsageRollup, rollup_partition: int, rollup_offset: int) -> Ro
         *(_check_text(d, getattr(key, d)) for d in DIMENSIONS),
         key.late,
         -1 if rollup.source_partition is None else rollup.source_partition,
+        _source_offset(rollup),
     ]
     if key.window_ms <= 0:
         raise InvalidRollup(f"window_ms={key.window_ms} is not a positive window size")
@@ -186,8 +198,13 @@ def row_of(rollup: UsageRollup, rollup_partition: int, rollup_offset: int) -> Ro
             values.append([_check_int(name, v) for v in value])
         else:
             values.append(_check_int(name, value))
-    values += [rollup_partition, rollup_offset]
+    values += [bool(getattr(rollup, "final", False)), rollup_partition, rollup_offset]
     return tuple(values)
+
+
+def _source_offset(rollup: UsageRollup) -> int:
+    offset = getattr(rollup, "source_offset", None)  # set on late increments only
+    return -1 if offset is None else _check_int("source_offset", int(offset))
 
 
 async def schema_version(conn: asyncpg.Connection) -> int:
@@ -227,7 +244,7 @@ def _stage_ddl() -> str:
             kind = "bigint[]"
         elif c in DIMENSIONS:
             kind = "text"
-        elif c == "late":
+        elif c in ("late", "final"):
             kind = "boolean"
         elif c in ("source_partition", "rollup_partition"):
             kind = "integer"
@@ -240,7 +257,9 @@ def _stage_ddl() -> str:
 _UPSERT = (
     f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM {_STAGE} "
     f"ON CONFLICT ({', '.join(KEY_COLUMNS)}) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in (*MEASURES, "rollup_partition", "rollup_offset"))
+    + ", ".join(
+        f"{c} = EXCLUDED.{c}" for c in (*MEASURES, "final", "rollup_partition", "rollup_offset")
+    )
     + ", updated_at = now() "
     f"WHERE {TABLE}.rollup_partition <> EXCLUDED.rollup_partition "
     f"OR {TABLE}.rollup_offset < EXCLUDED.rollup_offset"
