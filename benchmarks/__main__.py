@@ -11,6 +11,7 @@ BENCHMARKS: dict[str, str] = {
     "e2e": "benchmarks.e2e",
     "publisher": "benchmarks.publisher",
     "restart": "benchmarks.restart",
+    "sink": "benchmarks.sink",
 }
 
 
