@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 __all__ = [
     "CHUNKS",
     "COMPLETIONS",
+    "COST",
     "DEAD_LETTERS",
     "DURATION",
     "HEADERS_IGNORED",
@@ -70,6 +71,15 @@ TOKENS = Counter(
     "chunkstitch_tokens",
     "Tokens of finished responses by tenant, model, provider and kind (prompt/completion); "
     "label combinations beyond CHUNKSTITCH_METRICS_LABEL_CAP are counted as 'other'.",
+    ["tenant", "model", "provider", "kind"],
+    registry=REGISTRY,
+)
+
+
+COST = Counter(
+    "chunkstitch_cost_usd",
+    "Cost of finished responses in USD by tenant, model, provider and kind: 'reported' by "
+    "the provider, or 'estimated' from the price database (genai-prices) where none was.",
     ["tenant", "model", "provider", "kind"],
     registry=REGISTRY,
 )

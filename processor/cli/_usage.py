@@ -161,6 +161,7 @@ def _table(rows: list[dict[str, Any]], dims: list[str], window: str, topic: str)
         Col("prompt", justify="right"),
         Col("output", justify="right"),
         Col("cost $", justify="right"),
+        Col("est. $", justify="right", drop=1),  # from the price database, never mixed in
         Col("ttfc p95", justify="right"),
         Col("tok/s", justify="right", drop=2),
     ]
@@ -176,6 +177,7 @@ def _table(rows: list[dict[str, Any]], dims: list[str], window: str, topic: str)
                 f"{t['prompt_tokens']:,}",
                 f"{t['completion_tokens']:,}",
                 f"{row['cost_usd']:.4f}",
+                f"{row['cost_estimated_usd']:.4f}",
                 latency_bound(t["ttfc_ms_buckets"], 0.95),
                 f"{row['output_tokens_per_s']:.1f}" if row["output_tokens_per_s"] else "-",
             ]

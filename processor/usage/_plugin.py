@@ -149,6 +149,10 @@ def _count_tokens(response: ChatCompletion, cap: int) -> None:
             _seen_labels.add(labels)
     metrics.TOKENS.labels(*labels, "prompt").inc(usage.prompt_tokens)
     metrics.TOKENS.labels(*labels, "completion").inc(usage.completion_tokens)
+    if response.chunkstitch.cost_reported is not None:
+        metrics.COST.labels(*labels, "reported").inc(response.chunkstitch.cost_reported)
+    if response.chunkstitch.cost_estimated is not None:
+        metrics.COST.labels(*labels, "estimated").inc(response.chunkstitch.cost_estimated)
     meta = response.chunkstitch
     if meta.time_to_first_chunk_ms is not None:
         metrics.TTFC.observe(meta.time_to_first_chunk_ms / 1000)

@@ -8,13 +8,15 @@ import re
 import pytest
 
 from processor.core import result
-from processor.usage._pg import MEASURES, MIGRATIONS, TABLE, InvalidRollup, redact_dsn, row_of
+from processor.usage._pg import MEASURES, MIGRATIONS, InvalidRollup, redact_dsn, row_of
 from topics import UsageKey, UsageTotals
 
 
 def test_every_rollup_measure_has_a_column_in_the_migrations() -> None:
     ddl = "\n".join(sql for _, _, sql in MIGRATIONS)
-    columns = set(re.findall(rf"(?:CREATE TABLE {TABLE} \(|ADD COLUMN|\n)\s+(\w+) ", ddl))
+    columns = set(
+        re.findall(r"^\s+(?:ADD COLUMN\s+)?(\w+) (?:bigint|integer|text|boolean)", ddl, re.M)
+    )
     missing = set(UsageTotals.model_fields) - columns
     assert not missing, f"add a migration with columns for {sorted(missing)}"
     assert set(MEASURES) == set(UsageTotals.model_fields)
