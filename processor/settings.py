@@ -180,6 +180,12 @@ class Settings(BaseSettings):
     usage_sink_retry_max_s: float = Field(
         default=10.0, gt=0, description="Longest wait between retries while the database is away."
     )
+    usage_live_retention_s: float = Field(
+        default=2 * 86400,
+        gt=0,
+        description="How far back the live rollups answer; with CHUNKSTITCH_USAGE_DSN set, "
+        "a usage query reaching further back (or with no start) is answered from PostgreSQL.",
+    )
     api_token: SecretStr | None = Field(
         default=None,
         description="Bearer token that GET /usage requires (none: /usage is open). "

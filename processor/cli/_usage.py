@@ -109,6 +109,10 @@ def usage(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     broker: BrokerOption = None,
+    dsn: Annotated[
+        str | None,
+        typer.Option(help="PostgreSQL usage history for older ranges (CHUNKSTITCH_USAGE_DSN)."),
+    ] = None,
 ) -> None:
     """Token usage, requests, cost and latency per window (no worker needed).
 
@@ -116,6 +120,7 @@ def usage(
     means the 95th percentile of the time to first chunk lies in the bucket up to 10 ms.
     """
     from processor.usage import aggregate, read_rollups
+    from processor.usage._history import history_rows
 
     # Every option is checked before connecting.
     since_ms, until_ms = time_ms("--since", since), time_ms("--until", until)
@@ -128,19 +133,24 @@ def usage(
         fail(f"--status {status!r} is not a status; use complete, incomplete or error")
     settings = load_settings(broker=broker)
     quiet_kafka_logs()
-    with broker_errors():
-        rollups = asyncio.run(read_rollups(settings))
-    try:
-        rows = aggregate(
-            rollups,
-            window=window,
-            by=dims,
-            since_ms=since_ms,
-            until_ms=until_ms,
-            filters={"tenant": tenant or "", "status": status or ""},
-        )
+    query: dict[str, Any] = {
+        "window": window,
+        "by": dims,
+        "since_ms": since_ms,
+        "until_ms": until_ms,
+        "filters": {"tenant": tenant or "", "status": status or ""},
+    }
+    try:  # a range beyond the live retention, with a DSN: from PostgreSQL
+        rows = history_rows(settings, dsn, query)
     except ValueError as exc:
         fail(str(exc))
+    if rows is None:
+        with broker_errors():
+            rollups = asyncio.run(read_rollups(settings))
+        try:
+            rows = aggregate(rollups, **query)
+        except ValueError as exc:
+            fail(str(exc))
     if as_json:
         for row in rows:
             typer.echo(json.dumps(row))

@@ -14,6 +14,7 @@ from processor.core import result
 from processor.kafka import read_to_end
 from processor.logs import get_logger
 from processor.settings import Settings
+from processor.usage._history import History
 from processor.usage._read import DIMENSIONS, aggregate, read_rollups
 from processor.usage._state import PartitionUsage
 from processor.web_auth import check_bearer
@@ -108,6 +109,8 @@ def register(app: faust.App, settings: Settings) -> None:
             if tp.topic == settings.topic_responses:
                 parts.pop(tp.partition, None)
 
+    history = History(settings)
+
     @app.page("/usage")
     class Usage(View):
         async def get(self, request: Request) -> Response:
@@ -117,14 +120,16 @@ def register(app: faust.App, settings: Settings) -> None:
             query = request.query
             by = [d for d in query.get("by", ",".join(DIMENSIONS)).split(",") if d]
             try:
-                rows = aggregate(
-                    await read_rollups(settings),
-                    window=query.get("window", "1m"),
-                    by=by,
-                    since_ms=int(query["since"]) if "since" in query else None,
-                    until_ms=int(query["until"]) if "until" in query else None,
-                    filters={d: query.get(d, "") for d in DIMENSIONS},
-                )
+                params: dict[str, Any] = {
+                    "window": query.get("window", "1m"),
+                    "by": by,
+                    "since_ms": int(query["since"]) if "since" in query else None,
+                    "until_ms": int(query["until"]) if "until" in query else None,
+                    "filters": {d: query.get(d, "") for d in DIMENSIONS},
+                }
+                rows = await history.answer(**params)  # beyond the live retention: PostgreSQL
+                if rows is None:
+                    rows = aggregate(await read_rollups(settings), **params)
             except ValueError as exc:
                 return self.json({"error": str(exc)}, status=400)
             return self.json({"rows": rows})

@@ -6,19 +6,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
+from processor.core import result
 from processor.pricing import PRICE_DATA
-from processor.usage._pg import query_usage
+from processor.usage import aggregate, read_rollups
+from processor.usage._pg import query_usage, row_of, upsert
 from tests.helpers.postgres import fresh_database, server_dsn
-from tests.helpers.worker import WorkerProcess, isolated_settings, make_topics, produce, read_topic
+from tests.helpers.worker import (
+    WorkerProcess,
+    env_for,
+    isolated_settings,
+    make_topics,
+    produce,
+    read_topic,
+)
 from tests.integration._streams import build_streams, wire
 from tests.integration.test_usage_sink import SinkProcess
-from topics import ChatCompletion
+from topics import ChatCompletion, UsageKey, UsageTotals
 
 
 @pytest.fixture
@@ -30,7 +42,7 @@ async def db() -> AsyncIterator[str]:
 async def test_estimated_cost_flows_to_usage_metrics_and_the_database(
     broker: str, tmp_path: Path, db: str
 ) -> None:
-    settings = isolated_settings(broker, tmp_path)
+    settings = isolated_settings(broker, tmp_path, usage_dsn=db)
     await make_topics(settings)
     streams = build_streams(40, seed=71, prefix="cost")
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()
@@ -64,14 +76,16 @@ async def test_estimated_cost_flows_to_usage_metrics_and_the_database(
         assert unpriced, by_model  # self-hosted vLLM: no estimate, never a guess
         expected_est = sum(r.chunkstitch.cost_estimated or 0 for r in responses)
 
-        query = "/usage?window=1d&by=tenant,model,provider"
-        rows: list[dict[str, object]] = []
-        for _ in range(60):
-            rows = json.loads(worker.get(query))["rows"]
-            if sum(int(r["totals"]["requests"]) for r in rows) == len(streams):  # type: ignore[index]
+        by = ["tenant", "model", "provider"]
+        live: list[dict[str, object]] = []
+        for _ in range(60):  # the Kafka side: the rollup topic, aggregated
+            live = json.loads(
+                json.dumps(aggregate(await read_rollups(settings), window="1d", by=by))
+            )
+            if sum(int(r["totals"]["requests"]) for r in live) == len(streams):  # type: ignore[index]
                 break
             await asyncio.sleep(0.25)
-        total_est = sum(r["cost_estimated_usd"] for r in rows)  # type: ignore[misc]
+        total_est = sum(r["cost_estimated_usd"] for r in live)  # type: ignore[misc]
         assert total_est == pytest.approx(expected_est, rel=1e-6)
         # (Prometheus: tests/unit/test_pricing.py; the worker on main skips the token and cost
         # counters for completions folded by its rebuild, which the bounded-state work fixes)
@@ -81,16 +95,66 @@ async def test_estimated_cost_flows_to_usage_metrics_and_the_database(
             from_db: list[dict[str, object]] = []
             for _ in range(80):
                 try:
-                    answer = await query_usage(conn, "1d", ["tenant", "model", "provider"])
+                    answer = await query_usage(conn, "1d", by)
                     from_db = json.loads(json.dumps(answer))  # as /usage sends it
                 except asyncpg.UndefinedTableError:
                     from_db = []
-                if from_db == rows:
+                if from_db == live:
                     break
                 await asyncio.sleep(0.25)
-            assert from_db == rows
+            assert from_db == live
         finally:
             await conn.close()
+
+        # The worker has a DSN: a range beyond the live retention (here: no start) is
+        # answered by the database, a recent one live; both in the same shape.
+        assert json.loads(worker.get("/usage?window=1d&by=tenant,model,provider"))["rows"] == live
+        marker = result(
+            UsageKey(
+                window_start_ms=0,
+                window_ms=60_000,
+                tenant="only-in-db",
+                model="m",
+                provider="p",
+                status="complete",
+            ),
+            UsageTotals(requests=1),
+            0,
+        )
+        conn = await asyncpg.connect(db)
+        try:
+            await upsert(conn, [row_of(marker, 0, 0)])
+        finally:
+            await conn.close()
+        tenants = {r["key"]["tenant"] for r in json.loads(worker.get("/usage?window=1d"))["rows"]}
+        assert "only-in-db" in tenants  # so the answer above came from the database
+        recent = int(time.time() * 1000) - 3_600_000
+        assert json.loads(worker.get(f"/usage?window=1d&since={recent}"))["rows"] == []
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "processor",
+                "usage",
+                "--json",
+                "--window",
+                "1d",
+                "--by",
+                "tenant,model,provider",
+                "--dsn",
+                db,
+            ],
+            env={**env_for(settings), "CHUNKSTITCH_USAGE_DSN": ""},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        cli = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert [r for r in cli if r["key"]["tenant"] != "only-in-db"] == live
+        assert any(r["key"]["tenant"] == "only-in-db" for r in cli)  # from the database
     finally:
         sink.stop()
         worker.stop()
