@@ -14,6 +14,7 @@ __all__ = [
     "IN_FLIGHT",
     "LAG",
     "OVERSIZE_RESPONSES",
+    "PRICE_DATA",
     "REGISTRY",
     "REPLAY_SKIPPED",
     "TOKENS",
@@ -81,6 +82,14 @@ COST = Counter(
     "Cost of finished responses in USD by tenant, model, provider and kind: 'reported' by "
     "the provider, or 'estimated' from the price database (genai-prices) where none was.",
     ["tenant", "model", "provider", "kind"],
+    registry=REGISTRY,
+)
+
+
+PRICE_DATA = Gauge(
+    "chunkstitch_price_data_info",
+    "The price data behind chunkstitch_cost_usd_total{kind='estimated'} (value 1).",
+    ["version"],
     registry=REGISTRY,
 )
 

@@ -23,6 +23,7 @@ from functools import lru_cache
 from importlib.metadata import version
 from typing import Any
 
+from processor import metrics
 from processor.core import event_time_ms
 from topics import ChatCompletion
 
@@ -129,3 +130,4 @@ def _load() -> None:
 # The price data takes about a second to import: load it in the background as soon as the
 # worker imports this module, not on its first completion.
 threading.Thread(target=_load, name="chunkstitch-price-data", daemon=True).start()
+metrics.PRICE_DATA.labels(PRICE_DATA).set(1)

@@ -192,4 +192,8 @@ def _table(rows: list[dict[str, Any]], dims: list[str], window: str, topic: str)
                 f"{row['output_tokens_per_s']:.1f}" if row["output_tokens_per_s"] else "-",
             ]
         )
-    print_rows(Console(), cols, out, title=f"usage per {window} window ({topic})")
+    from processor.pricing import PRICE_DATA
+
+    # est. $: estimated where the provider reported no cost, from this price data
+    title = f"usage per {window} window ({topic}; est. $: {PRICE_DATA})"
+    print_rows(Console(), cols, out, title=title)

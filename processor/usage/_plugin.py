@@ -13,6 +13,7 @@ from processor import metrics
 from processor.core import result
 from processor.kafka import read_to_end
 from processor.logs import get_logger
+from processor.pricing import PRICE_DATA
 from processor.settings import Settings
 from processor.usage._history import History
 from processor.usage._read import DIMENSIONS, aggregate, read_rollups
@@ -132,7 +133,7 @@ def register(app: faust.App, settings: Settings) -> None:
                     rows = aggregate(await read_rollups(settings), **params)
             except ValueError as exc:
                 return self.json({"error": str(exc)}, status=400)
-            return self.json({"rows": rows})
+            return self.json({"rows": rows, "price_data": PRICE_DATA})  # behind estimates
 
 
 _seen_labels: set[tuple[str, str, str]] = set()

@@ -108,7 +108,9 @@ async def test_estimated_cost_flows_to_usage_metrics_and_the_database(
 
         # The worker has a DSN: a range beyond the live retention (here: no start) is
         # answered by the database, a recent one live; both in the same shape.
-        assert json.loads(worker.get("/usage?window=1d&by=tenant,model,provider"))["rows"] == live
+        body = json.loads(worker.get("/usage?window=1d&by=tenant,model,provider"))
+        assert body["rows"] == live
+        assert body["price_data"] == PRICE_DATA
         marker = result(
             UsageKey(
                 window_start_ms=0,

@@ -112,3 +112,12 @@ def test_prometheus_counts_reported_and_estimated_cost_apart() -> None:
     _count_tokens(resp, cap=10_000)
     assert value("estimated") - before[0] == pytest.approx(0.25)
     assert value("reported") == before[1]
+
+
+def test_the_price_data_version_is_exposed() -> None:
+    from processor import metrics
+
+    sample = metrics.REGISTRY.get_sample_value(
+        "chunkstitch_price_data_info", {"version": PRICE_DATA}
+    )
+    assert sample == 1
