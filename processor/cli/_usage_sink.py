@@ -95,8 +95,15 @@ def sink(
             "error: --dsn must start with postgresql:// (e.g. postgresql://u:pw@host/db)", err=True
         )
         raise typer.Exit(2)
+    from aiokafka.errors import KafkaConnectionError
+
+    from processor.kafka import unreachable_message
+
     try:
         asyncio.run(run_sink(settings, dsn))
+    except KafkaConnectionError as exc:
+        typer.echo(f"error: {unreachable_message(settings, exc)}", err=True)
+        raise typer.Exit(2) from None
     except SinkConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -461,3 +462,34 @@ async def test_database_restarted_mid_run_loses_nothing(broker: str, tmp_path: P
             assert sink.stop() == 0
     finally:
         await asyncio.to_thread(cluster.destroy)
+
+
+async def test_sink_says_in_one_line_what_is_wrong(tmp_path: Path, db: str) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "processor", "usage", "sink", *args],
+            env={
+                **env_for(isolated_settings(f"127.0.0.1:{free_port()}", tmp_path)),
+                "CHUNKSTITCH_USAGE_DSN": "",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    missing = await asyncio.to_thread(run)
+    assert missing.returncode == 2
+    assert "pass --dsn postgresql://" in missing.stderr
+    parts = urlsplit(db)
+    netloc = f"{parts.username}:not-the-pw@{parts.hostname}:{parts.port or 5432}"
+    wrong = urlunsplit(parts._replace(netloc=netloc))
+    refused = await asyncio.to_thread(run, "--dsn", wrong, "--port", str(free_port()))
+    assert refused.returncode == 2
+    assert "fix the user, password or database" in refused.stderr
+    assert "not-the-pw" not in refused.stderr + refused.stdout
+    no_broker = await asyncio.to_thread(run, "--dsn", db, "--port", str(free_port()))
+    assert no_broker.returncode == 2, no_broker.stderr
+    assert "cannot reach the Kafka broker" in no_broker.stderr
+    for proc in (missing, refused, no_broker):
+        assert "Traceback" not in proc.stderr
