@@ -11,6 +11,8 @@ to the latest totals on the topic. No ORM: hand-written SQL, asyncpg.
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +29,7 @@ __all__ = [
     "InvalidRollup",
     "Row",
     "migrate",
+    "query_page",
     "query_usage",
     "redact_dsn",
     "row_of",
@@ -178,6 +181,10 @@ GROUP BY 1, 2, 3;
 """,
     ),
 )
+
+
+_NOT_IN_ROWS = {"source_partition", "source_offset", "final"}
+"""Per-record fields of a rollup that a query row (a sum over records) does not have."""
 
 
 class InvalidRollup(ValueError):
@@ -346,6 +353,7 @@ def _query_sql(
     filters: Mapping[str, str] | None,
     limit: int | None,
     source_window_ms: int,
+    after: tuple[int, tuple[str, ...]] | None = None,
 ) -> _Group:
     if window not in WINDOWS_MS:
         raise ValueError(f"window must be one of {', '.join(WINDOWS_MS)}, got {window!r}")
@@ -383,6 +391,19 @@ def _query_sql(
         f"WHERE {' AND '.join(where)} GROUP BY {', '.join(group)}) AS g "
         f"ORDER BY {', '.join(order)}"
     )
+    if after is not None:  # keyset page: rows after (window start, group) in this order
+        after_start, after_group = after
+        marks: list[str] = []
+        bound: list[Any] = [after_start, *after_group[:4], after_group[4] == "True"]
+        for value in bound:
+            args.append(value)
+            marks.append(f"${len(args)}")
+        sql = sql.replace(
+            ") AS g ORDER BY",
+            ") AS g WHERE (window_start_ms, "
+            + ", ".join(f'{d} COLLATE "C"' for d in DIMENSIONS)
+            + f", late) > ({', '.join(marks)}) ORDER BY",
+        )
     if limit is not None:
         args.append(limit)
         sql += f" LIMIT ${len(args)}"
@@ -404,7 +425,12 @@ async def query_usage(
     returns them (same keys, totals, percentiles, order), over the 1-minute rows (the finest
     resolution, kept for as long as the database keeps them)."""
     q = _query_sql(window, by, since_ms, until_ms, filters, limit, source_window_ms)
-    size = WINDOWS_MS[window]
+    return await _fetch(pool, q, WINDOWS_MS[window])
+
+
+async def _fetch(
+    pool: asyncpg.Pool | asyncpg.Connection, q: _Group, size: int
+) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for rec in await pool.fetch(q.sql, *q.args):
         key = UsageKey(
@@ -422,5 +448,50 @@ async def query_usage(
                 values[m] = tuple(rec[f"{m}_{i}"] for i in range(1, _N_BUCKETS + 1))
             else:
                 values[m] = rec[m]
-        out.append(result(key, UsageTotals(**values)).model_dump(exclude={"source_partition"}))
+        out.append(result(key, UsageTotals(**values)).model_dump(exclude=_NOT_IN_ROWS))
     return out
+
+
+def _cursor(window: str, row: Mapping[str, Any]) -> str:
+    key = row["key"]
+    group = [key["tenant"], key["model"], key["provider"], key["status"], str(key["late"])]
+    raw = json.dumps([window, key["window_start_ms"], group], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _after(cursor: str, window: str) -> tuple[int, tuple[str, ...]]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        w, start, group = json.loads(raw)
+        if w != window or not isinstance(start, int) or not isinstance(group, list):
+            raise ValueError
+        if len(group) != 5:
+            raise ValueError
+        return start, tuple(str(x) for x in group)
+    except (ValueError, TypeError):
+        raise ValueError(
+            "cursor is not one this query returned: pass next_cursor unchanged, with the "
+            "same window"
+        ) from None
+
+
+async def query_page(pool: asyncpg.Pool | asyncpg.Connection, q: Any) -> dict[str, Any]:
+    """One page ``{"rows": [...], "next_cursor": str | None}`` for a usage query model
+    (``window``, ``by``, ``since_ms``, ``until_ms``, ``tenant``/``model``/``provider``/
+    ``status``, ``limit``, ``cursor``), the semantics of the live read model: ``since`` and
+    ``until`` select whole windows of the query's size (a window is in when it ends after
+    ``since`` and starts before ``until``), rows ordered by window start then group, the
+    cursor that of the last row returned."""
+    size = WINDOWS_MS[q.window]
+    since = None if q.since_ms is None else q.since_ms // size * size
+    until = None if q.until_ms is None else -(-q.until_ms // size) * size
+    filters = {d: getattr(q, d) for d in DIMENSIONS if getattr(q, d, None)}
+    after = None if q.cursor is None else _after(q.cursor, q.window)
+    rows = await _fetch(
+        pool,
+        _query_sql(q.window, q.by, since, until, filters, q.limit + 1, MINUTE_MS, after),
+        size,
+    )
+    more = len(rows) > q.limit
+    rows = rows[: q.limit]
+    return {"rows": rows, "next_cursor": _cursor(q.window, rows[-1]) if more else None}

@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -34,6 +34,7 @@ from processor.usage._pg import (
     MIGRATIONS,
     TABLE,
     migrate,
+    query_page,
     query_usage,
     row_of,
     schema_version,
@@ -51,6 +52,22 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float) -> 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not await check():  # noqa: ASYNC110
         await asyncio.sleep(0.2)
+
+
+@dataclass(frozen=True)
+class Query:
+    """The fields of the live read model's query model that query_page reads."""
+
+    window: str = "1m"
+    by: tuple[str, ...] = ("tenant", "model", "provider", "status")
+    since_ms: int | None = None
+    until_ms: int | None = None
+    tenant: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    status: str | None = None
+    limit: int = 1000
+    cursor: str | None = None
 
 
 @pytest.fixture
@@ -321,6 +338,25 @@ async def test_query_equals_the_kafka_side_aggregate_and_the_views_read_it(
         assert limited == aggregate(rollups, window="1h", by=["tenant"])[:5]
         with pytest.raises(ValueError, match="window must be one of"):
             await query_usage(conn, "2h")
+
+        # Pages for the live read model's query model: whole windows, keyset cursor.
+        q = Query(window="1h", by=("tenant", "model"), since_ms=T0 + 90 * 60_000, limit=7)
+        pages: list[dict[str, Any]] = []
+        page = await query_page(conn, q)
+        while True:
+            pages += page["rows"]
+            assert len(page["rows"]) <= 7
+            if page["next_cursor"] is None:
+                break
+            page = await query_page(conn, replace(q, cursor=page["next_cursor"]))
+        whole_windows = await query_usage(conn, "1h", ["tenant", "model"], since_ms=T0 + 3_600_000)
+        assert pages == whole_windows
+        assert len(pages) > 14
+        one = await query_page(conn, replace(q, tenant="tenant-2", limit=10_000))
+        assert one["next_cursor"] is None
+        assert one["rows"] == [r for r in whole_windows if r["key"]["tenant"] == "tenant-2"]
+        with pytest.raises(ValueError, match="cursor is not one this query returned"):
+            await query_page(conn, replace(q, cursor="bm90IGEgY3Vyc29y"))
 
         daily = await conn.fetch(
             "SELECT tenant, sum(requests) AS r FROM chunkstitch_usage_tenant_daily GROUP BY 1"
