@@ -20,9 +20,13 @@ from processor.logs import get_logger
 from processor.settings import Settings
 from processor.usage._pg import query_usage, redact_dsn
 
-__all__ = ["History"]
+__all__ = ["History", "HistoryUnavailable", "history_rows"]
 
 log = get_logger("chunkstitch.usage.history")
+
+
+class HistoryUnavailable(ValueError):
+    """The database named by the DSN did not answer (the CLI reports it as one line)."""
 
 
 class History:
@@ -50,6 +54,7 @@ class History:
         until_ms: int | None = None,
         filters: Mapping[str, str] | None = None,
         limit: int | None = None,
+        fallback: bool = True,
     ) -> list[dict[str, Any]] | None:
         """Rows from the database, or None: not wanted (answer live) or it did not answer.
         A bad parameter raises ``ValueError`` exactly as the live path does."""
@@ -62,6 +67,12 @@ class History:
                 )
             return await query_usage(self.pool, window, by, since_ms, until_ms, filters, limit)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if not fallback:
+                raise HistoryUnavailable(
+                    f"the usage history at {redact_dsn(self.dsn)} did not answer "
+                    f"({type(exc).__name__}: {exc}); check --dsn / CHUNKSTITCH_USAGE_DSN and "
+                    "that `chunkstitch usage sink` has run against it"
+                ) from None
             log.warning(
                 "usage history unavailable; answering from the live rollups",
                 database=redact_dsn(self.dsn),
@@ -80,7 +91,8 @@ def history_rows(
 ) -> list[dict[str, Any]] | None:
     """For the CLI (no running loop): rows from the database when the range reaches beyond
     the live retention and a DSN is given (``--dsn`` or ``CHUNKSTITCH_USAGE_DSN``), else
-    None (answer live)."""
+    None (answer live). A database that does not answer raises
+    :class:`HistoryUnavailable`: the operator asked for it, so no silent fallback."""
     import asyncio
 
     history = History(settings, dsn)
@@ -89,7 +101,7 @@ def history_rows(
 
     async def run() -> list[dict[str, Any]] | None:
         try:
-            return await history.answer(**params)
+            return await history.answer(**params, fallback=False)
         finally:
             await history.close()
 

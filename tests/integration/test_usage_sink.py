@@ -527,5 +527,16 @@ async def test_sink_says_in_one_line_what_is_wrong(tmp_path: Path, db: str) -> N
     no_broker = await asyncio.to_thread(run, "--dsn", db, "--port", str(free_port()))
     assert no_broker.returncode == 2, no_broker.stderr
     assert "cannot reach the Kafka broker" in no_broker.stderr
-    for proc in (missing, refused, no_broker):
+    empty = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "processor", "usage", "--json", "--dsn", db],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )  # asked for the history, the sink never ran against it: say so, no silent fallback
+    assert empty.returncode == 2
+    assert "has run against it" in empty.stderr
+    assert empty.stdout == ""
+    for proc in (missing, refused, no_broker, empty):
         assert "Traceback" not in proc.stderr
