@@ -517,16 +517,6 @@ async def test_sink_says_in_one_line_what_is_wrong(tmp_path: Path, db: str) -> N
     missing = await asyncio.to_thread(run)
     assert missing.returncode == 2
     assert "pass --dsn postgresql://" in missing.stderr
-    parts = urlsplit(db)
-    netloc = f"{parts.username}:not-the-pw@{parts.hostname}:{parts.port or 5432}"
-    wrong = urlunsplit(parts._replace(netloc=netloc))
-    refused = await asyncio.to_thread(run, "--dsn", wrong, "--port", str(free_port()))
-    assert refused.returncode == 2
-    assert "fix the user, password or database" in refused.stderr
-    assert "not-the-pw" not in refused.stderr + refused.stdout
-    no_broker = await asyncio.to_thread(run, "--dsn", db, "--port", str(free_port()))
-    assert no_broker.returncode == 2, no_broker.stderr
-    assert "cannot reach the Kafka broker" in no_broker.stderr
     empty = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "processor", "usage", "--json", "--dsn", db],
@@ -538,5 +528,15 @@ async def test_sink_says_in_one_line_what_is_wrong(tmp_path: Path, db: str) -> N
     assert empty.returncode == 2
     assert "has run against it" in empty.stderr
     assert empty.stdout == ""
+    parts = urlsplit(db)
+    netloc = f"{parts.username}:not-the-pw@{parts.hostname}:{parts.port or 5432}"
+    wrong = urlunsplit(parts._replace(netloc=netloc))
+    refused = await asyncio.to_thread(run, "--dsn", wrong, "--port", str(free_port()))
+    assert refused.returncode == 2
+    assert "fix the user, password or database" in refused.stderr
+    assert "not-the-pw" not in refused.stderr + refused.stdout
+    no_broker = await asyncio.to_thread(run, "--dsn", db, "--port", str(free_port()))
+    assert no_broker.returncode == 2, no_broker.stderr
+    assert "cannot reach the Kafka broker" in no_broker.stderr
     for proc in (missing, refused, no_broker, empty):
         assert "Traceback" not in proc.stderr
