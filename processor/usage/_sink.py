@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from processor.logs import get_logger
 from processor.settings import Settings
 from processor.usage._pg import InvalidRollup, Row, migrate, redact_dsn, row_of, upsert
-from topics import DeadLetter, UsageRollup
+from topics import DEADLETTER_VALUE_MAX, DeadLetter, UsageRollup
 
 __all__ = ["SINK_REGISTRY", "UsageSink", "run_sink"]
 
@@ -111,7 +111,14 @@ class UsageSink:
                 f"PostgreSQL at {self.where} refused the sink ({exc}); "
                 "fix the user, password or database in CHUNKSTITCH_USAGE_DSN / --dsn"
             ) from None
-        applied = await migrate(conn)
+        try:
+            applied = await migrate(conn)
+        except asyncpg.InsufficientPrivilegeError as exc:
+            conn.terminate()
+            raise SinkConfigError(
+                f"PostgreSQL at {self.where} does not let the sink create its schema ({exc}); "
+                "grant the role CREATE on the database (or run the sink once as its owner)"
+            ) from None
         if applied:
             log.info("usage schema migrated", database=self.where, versions=applied)
         self.conn = conn
@@ -175,8 +182,9 @@ class UsageSink:
             source_offset=rec.offset,
             source_timestamp_ms=rec.timestamp,
             key_b64=DeadLetter.b64(rec.key),
-            value_b64=DeadLetter.b64(rec.value) or "",
+            value_b64=DeadLetter.b64(rec.value[:DEADLETTER_VALUE_MAX]) or "",
             value_size=len(rec.value),
+            value_truncated=len(rec.value) > DEADLETTER_VALUE_MAX,
             headers=[(k, DeadLetter.b64(v) or "") for k, v in (rec.headers or ())],
             worker=f"usage-sink:{self.settings.usage_sink_group}",
         )
