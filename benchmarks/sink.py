@@ -14,20 +14,27 @@ updated several times, interleaved) go through:
   upsert, commit offsets; timed from its first fetched record until the table holds the
   final totals of every key.
 
-Rows (records) per second for each, and the ratios to (a).
+Rows (records) per second for each, and the ratios to (a). Then what the sink has to keep
+up with: (e) a real worker at full speed on the same kind of broker, fed ``--streams``
+completions preloaded on the chunk topic (every synthetic provider shape, 50 tenants,
+request times spread over 10 minutes): the rollup records it publishes per second while
+it works through them, and the margin (d) / (e).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -217,6 +224,67 @@ async def whole_sink(
     return len(records) / (end - first)
 
 
+def worker_rollup_rate(streams: int, tmp: Path) -> tuple[float, int, float]:
+    """(completions/s, rollup records, rollup records/s) of a worker working through
+    ``streams`` preloaded completions as fast as it can."""
+    from aiokafka import TopicPartition
+
+    from benchmarks.e2e import _count_until, _http_ready, _preload, _settings, _stop, _wait_ready
+    from benchmarks.e2e import _worker as start_worker
+    from processor.broker import free_port
+    from processor.kafka import read_to_end
+    from processor.synthetic import PROVIDERS, make_stream
+    from topics import RecordMeta, encode_headers
+
+    rng = random.Random(7)
+    kinds = sorted(k for k in PROVIDERS if k != "cut-off")
+    per = []
+    for i in range(streams):
+        s = make_stream(kinds[i % len(kinds)], f"wr-{i}", rng)
+        meta = {"tenant": f"tenant-{i % 50}", "provider": s.provider}
+        started = T0 + (i * 600_000) // streams  # 10 minutes of request times
+        recs = [
+            (
+                s.completion_id.encode(),
+                json.dumps(c).encode(),
+                encode_headers(RecordMeta(seq=n, started_at_ms=started, **meta)),
+            )
+            for n, c in enumerate(s.chunks)
+        ]
+        end = RecordMeta(end_count=len(recs), end_reason="done")
+        recs.append((s.completion_id.encode(), b"", encode_headers(end)))
+        per.append(recs)
+    records: list[Any] = []
+    live: list[int] = []
+    cursors = [0] * streams
+    nxt = 0
+    while live or nxt < streams:
+        while len(live) < 50 and nxt < streams:
+            live.append(nxt)
+            nxt += 1
+        i = rng.choice(live)
+        records.append(per[i][cursors[i]])
+        cursors[i] += 1
+        if cursors[i] == len(per[i]):
+            live.remove(i)
+    with EmbeddedBroker() as broker:
+        settings = _settings(broker.bootstrap, tmp, web_port=free_port())
+        asyncio.run(create_topics(settings))
+        asyncio.run(_preload(broker.bootstrap, settings.topic_chunks, records))
+        proc = start_worker(settings, tmp / "worker.log")
+        try:
+            t0 = _wait_ready(_http_ready(settings.web_port), proc)
+            t1 = asyncio.run(
+                _count_until(broker.bootstrap, settings.topic_responses, streams, timeout_s=600)
+            )
+            time.sleep(2)  # the last publishing round
+        finally:
+            _stop(proc)
+        tps = [TopicPartition(settings.topic_rollups, p) for p in range(settings.partitions)]
+        published = len(asyncio.run(read_to_end(settings, tps)))
+    return streams / (t1 - t0), published, published / (t1 - t0)
+
+
 async def run(dsn: str, keys: int, n: int, batch: int) -> dict[str, float]:
     records = rollups(keys, n)
     rows = [row_of(r, r.source_partition or 0, i) for i, r in enumerate(records)]
@@ -241,6 +309,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--keys", type=int, default=5_000)
     parser.add_argument("--records", type=int, default=40_000)
     parser.add_argument("--batch", type=int, default=5_000)
+    parser.add_argument("--streams", type=int, default=2_000, help="completions for (e)")
     args = parser.parse_args(argv)
     if not args.dsn:
         print(
@@ -258,3 +327,10 @@ def main(argv: list[str]) -> None:
     print(f"{'variant':<32} {'rows/s':>10} {'vs COPY':>8}")
     for name, value in figures.items():
         print(f"{name:<32} {value:>10,.0f} {value / floor:>7.2f}x")
+    with tempfile.TemporaryDirectory(prefix="cs-bench-sink-") as tmp:
+        completions, published, rate = worker_rollup_rate(args.streams, Path(tmp))
+    sink = figures["(d) whole sink from the topic"]
+    print(
+        f"(e) worker at full speed: {completions:,.0f} completions/s, {published:,} rollup "
+        f"records in all, {rate:,.0f} rollup records/s; sink margin (d)/(e): {sink / rate:.0f}x"
+    )
