@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, str] = {
     "restart": "benchmarks.restart",
     "soak": "benchmarks.soak",
     "usage_read": "benchmarks.usage_read",
+    "sink": "benchmarks.sink",
 }
 
 

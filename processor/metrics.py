@@ -17,12 +17,14 @@ from prometheus_client.process_collector import ProcessCollector
 __all__ = [
     "CHUNKS",
     "COMPLETIONS",
+    "COST",
     "DEAD_LETTERS",
     "DURATION",
     "HEADERS_IGNORED",
     "IN_FLIGHT",
     "LAG",
     "OVERSIZE_RESPONSES",
+    "PRICE_DATA",
     "REGISTRY",
     "REPLAY_SKIPPED",
     "TOKENS",
@@ -129,6 +131,23 @@ USAGE_OPEN_BUCKETS = Gauge(
 USAGE_DEDUP_IDS = Gauge(
     "chunkstitch_usage_dedup_ids",
     "Response ids held in the usage dedup horizon (CHUNKSTITCH_USAGE_DEDUP_S).",
+    registry=REGISTRY,
+)
+
+
+COST = Counter(
+    "chunkstitch_cost_usd",
+    "Cost of finished responses in USD by tenant, model, provider and kind: 'reported' by "
+    "the provider, or 'estimated' from the price database (genai-prices) where none was.",
+    ["tenant", "model", "provider", "kind"],
+    registry=REGISTRY,
+)
+
+
+PRICE_DATA = Gauge(
+    "chunkstitch_price_data_info",
+    "The price data behind chunkstitch_cost_usd_total{kind='estimated'} (value 1).",
+    ["version"],
     registry=REGISTRY,
 )
 

@@ -222,6 +222,36 @@ class Settings(BaseSettings):
     def usage_checkpoints_topic(self) -> str:
         return self.topic_usage_checkpoints or f"{self.topic_rollups}-checkpoints"
 
+    # --- usage history in PostgreSQL, access control (issue 16: usage sink, web_auth) -----
+    usage_dsn: SecretStr | None = Field(
+        default=None,
+        description="PostgreSQL DSN (postgresql://user:pw@host:5432/db) of the usage history: "
+        "the usage sink writes it; /usage and `chunkstitch usage` read it when set.",
+    )
+    usage_sink_group: str = Field(
+        default="chunkstitch-usage-sink", description="Consumer group of the usage sink."
+    )
+    usage_sink_port: int = Field(
+        default=6067, description="Web port of the usage sink (/healthz, /readyz, /metrics)."
+    )
+    usage_sink_batch_max: int = Field(
+        default=5000, ge=1, description="Most rollup records written in one transaction."
+    )
+    usage_sink_retry_max_s: float = Field(
+        default=10.0, gt=0, description="Longest wait between retries while the database is away."
+    )
+    usage_live_retention_s: float = Field(
+        default=2 * 86400,
+        gt=0,
+        description="How far back the live rollups answer; with CHUNKSTITCH_USAGE_DSN set, "
+        "a usage query reaching further back (or with no start) is answered from PostgreSQL.",
+    )
+    api_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token that GET /usage requires (none: /usage is open). "
+        "/healthz, /readyz and /metrics stay open.",
+    )
+
     # --- logging -------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = Field(

@@ -20,6 +20,7 @@ DeadLetterReason = Literal[
     "orphan_end_marker",
     "undecodable",
     "internal_error",
+    "invalid_rollup",  # the usage sink: a rollup record it cannot store
 ]
 
 

@@ -133,6 +133,14 @@ class ChunkstitchMeta(BaseModel):
     time_to_first_chunk_ms: int | None = _omit_none()
     duration_ms: int | None = _omit_none()
     source: SourceRange | None = _omit_none()
+    # Cost (issue 16): the provider's own figure, else an estimate from a price database,
+    # never mixed; the worker fills them in (processor/pricing.py).
+    cost_reported: float | None = _omit_none()
+    """USD the provider reported (``usage.cost``)."""
+    cost_estimated: float | None = _omit_none()
+    """USD estimated where the provider reported none; None when the model is unknown."""
+    price_data: str | None = _omit_none()
+    """The price data the estimate comes from, e.g. ``genai-prices 0.2.3``."""
 
 
 class ChatCompletion(_Out):

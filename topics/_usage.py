@@ -91,7 +91,12 @@ class UsageTotals(BaseModel):
     cached_prompt_tokens: int = 0
     reasoning_tokens: int = 0
     cost_nano_usd: int = 0
+    """Cost the provider reported (``cost_reported``)."""
     with_cost: int = 0
+    cost_estimated_nano_usd: int = 0
+    """Cost estimated from the price database where the provider reported none, kept
+    apart from the reported cost (``cost_estimated``)."""
+    with_cost_estimated: int = 0
     ttfc_ms_buckets: tuple[int, ...] = Field(default=(0,) * (len(LATENCY_BUCKETS_MS) + 1))
     duration_ms_buckets: tuple[int, ...] = Field(default=(0,) * (len(LATENCY_BUCKETS_MS) + 1))
     rate_tokens: int = 0
@@ -122,6 +127,9 @@ class UsageRollup(BaseModel):
     duration_ms_p99: int | None = None
     output_tokens_per_s: float | None = None
     cost_usd: float = 0.0
+    """Reported by the providers."""
+    cost_estimated_usd: float = 0.0
+    """Estimated where the providers reported none (see ``totals.with_cost_estimated``)."""
 
 
 class UsageCheckpoint(BaseModel):

@@ -61,6 +61,7 @@ from processor.cli import (  # noqa: E402
     _publish,  # noqa: F401
     _topics,  # noqa: F401
     _usage,  # noqa: F401
+    _usage_sink,  # noqa: F401  (after _usage: turns `usage` into a group with `sink`)
     _worker,  # noqa: F401
 )
 

@@ -114,6 +114,10 @@ def usage(
     limit: Annotated[int, typer.Option(metavar="N", help="At most N rows.")] = 10_000,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     broker: BrokerOption = None,
+    dsn: Annotated[
+        str | None,
+        typer.Option(help="PostgreSQL usage history for older ranges (CHUNKSTITCH_USAGE_DSN)."),
+    ] = None,
 ) -> None:
     """Token usage, requests, cost and latency per window (no worker needed).
 
@@ -121,6 +125,7 @@ def usage(
     means the 95th percentile of the time to first chunk lies in the bucket up to 10 ms.
     """
     from processor.usage import QueryError, query_rollups
+    from processor.usage._history import history_rows
 
     # Every option is checked before connecting.
     since_ms, until_ms = time_ms("--since", since), time_ms("--until", until)
@@ -133,25 +138,40 @@ def usage(
         fail(f"--status {status!r} is not a status; use complete, incomplete or error")
     settings = load_settings(broker=broker)
     quiet_kafka_logs()
-    params = {
-        "since": since_ms,
-        "until": until_ms,
+    history_query: dict[str, Any] = {
         "window": window,
-        "by": ",".join(dims),
-        "tenant": tenant,
-        "status": status,
+        "by": dims,
+        "since_ms": since_ms,
+        "until_ms": until_ms,
+        "filters": {"tenant": tenant or "", "status": status or ""},
         "limit": limit,
     }
-    try:
-        with broker_errors():
-            page = asyncio.run(query_rollups(settings, params))
-    except (QueryError, TimeoutError) as exc:
+    try:  # a range beyond the live retention, with a DSN: from PostgreSQL
+        history = history_rows(settings, dsn, history_query)
+    except ValueError as exc:
         fail(str(exc))
-    rows = page["rows"]
-    if page["next_cursor"] is not None:
-        typer.echo(
-            f"only the first {limit} rows: narrow --since/--until or raise --limit", err=True
-        )
+    if history is not None:
+        rows = history
+    else:
+        params = {
+            "since": since_ms,
+            "until": until_ms,
+            "window": window,
+            "by": ",".join(dims),
+            "tenant": tenant,
+            "status": status,
+            "limit": limit,
+        }
+        try:
+            with broker_errors():
+                page = asyncio.run(query_rollups(settings, params))
+        except (QueryError, TimeoutError) as exc:
+            fail(str(exc))
+        rows = page["rows"]
+        if page["next_cursor"] is not None:
+            typer.echo(
+                f"only the first {limit} rows: narrow --since/--until or raise --limit", err=True
+            )
     if as_json:
         for row in rows:
             typer.echo(json.dumps(row))
@@ -172,6 +192,7 @@ def _table(rows: list[dict[str, Any]], dims: list[str], window: str, topic: str)
         Col("prompt", justify="right"),
         Col("output", justify="right"),
         Col("cost $", justify="right"),
+        Col("est. $", justify="right", drop=1),  # from the price database, never mixed in
         Col("ttfc p95", justify="right"),
         Col("tok/s", justify="right", drop=2),
     ]
@@ -187,8 +208,13 @@ def _table(rows: list[dict[str, Any]], dims: list[str], window: str, topic: str)
                 f"{t['prompt_tokens']:,}",
                 f"{t['completion_tokens']:,}",
                 f"{row['cost_usd']:.4f}",
+                f"{row['cost_estimated_usd']:.4f}",
                 latency_bound(t["ttfc_ms_buckets"], 0.95),
                 f"{row['output_tokens_per_s']:.1f}" if row["output_tokens_per_s"] else "-",
             ]
         )
-    print_rows(Console(), cols, out, title=f"usage per {window} window ({topic})")
+    from processor.pricing import PRICE_DATA
+
+    # est. $: estimated where the provider reported no cost, from this price data
+    title = f"usage per {window} window ({topic}; est. $: {PRICE_DATA})"
+    print_rows(Console(), cols, out, title=title)

@@ -103,6 +103,9 @@ def contribution(
         if isinstance(cost, int | float) and not isinstance(cost, bool):
             values["cost_nano_usd"] = round(cost * 1e9)
             values["with_cost"] = 1
+        elif meta.cost_estimated is not None:  # estimated by the worker, never mixed in
+            values["cost_estimated_nano_usd"] = round(meta.cost_estimated * 1e9)
+            values["with_cost_estimated"] = 1
     if meta.time_to_first_chunk_ms is not None:
         values["ttfc_ms_buckets"] = _bucket(meta.time_to_first_chunk_ms)
     if meta.duration_ms is not None:
@@ -157,4 +160,5 @@ def result(key: UsageKey, totals: UsageTotals, source_partition: int | None = No
             t.rate_tokens * 1000 / t.rate_duration_ms if t.rate_duration_ms else None
         ),
         cost_usd=t.cost_nano_usd / 1e9,
+        cost_estimated_usd=t.cost_estimated_nano_usd / 1e9,
     )

@@ -42,9 +42,12 @@ from processor import metrics
 from processor.core._usage import MINUTE_MS
 from processor.kafka import end_offsets, read_to_end
 from processor.logs import get_logger
+from processor.pricing import PRICE_DATA
 from processor.settings import Settings
+from processor.usage._history import History
 from processor.usage._state import PartitionUsage
-from processor.usage._view import QueryError, UsageQuery, ViewRunner
+from processor.usage._view import DIMENSIONS, QueryError, UsageQuery, ViewRunner
+from processor.web_auth import check_bearer
 from processor.worker._supervise import supervisor
 from topics import ChatCompletion, UsageCheckpoint
 
@@ -308,15 +311,34 @@ def register(app: faust.App, settings: Settings) -> None:
     async def start_view() -> None:
         view.start()
 
+    history = History(settings)
+
     @app.page("/usage")
     class Usage(View):
         async def get(self, request: Request) -> Response:
+            denied = check_bearer(request.headers.get("Authorization"), settings.api_token)
+            if denied is not None:
+                return self.json(denied.body, status=denied.status, headers=denied.headers)
             try:
                 query = UsageQuery.parse(
                     dict(request.query), limit_max=settings.usage_query_limit_max
                 )
             except QueryError as exc:
                 return self.json({"error": str(exc)}, status=400)
+            if history.wanted(query.since_ms):  # beyond the live retention: PostgreSQL
+                try:
+                    rows = await history.answer(
+                        window=query.window,
+                        by=query.by,
+                        since_ms=query.since_ms,
+                        until_ms=query.until_ms,
+                        filters={d: getattr(query, d) or "" for d in DIMENSIONS},
+                        limit=query.limit,
+                    )
+                except ValueError as exc:
+                    return self.json({"error": str(exc)}, status=400)
+                if rows is not None:
+                    return self.json({"rows": rows, "next_cursor": None, "price_data": PRICE_DATA})
             page = await view.ask(query)
             if page is None:
                 return self.json(
@@ -378,3 +400,7 @@ def _observe(response: ChatCompletion, cap: int, seen: set[tuple[str, str, str]]
             seen.add(labels)
     metrics.TOKENS.labels(*labels, "prompt").inc(usage.prompt_tokens)
     metrics.TOKENS.labels(*labels, "completion").inc(usage.completion_tokens)
+    if response.chunkstitch.cost_reported is not None:
+        metrics.COST.labels(*labels, "reported").inc(response.chunkstitch.cost_reported)
+    if response.chunkstitch.cost_estimated is not None:
+        metrics.COST.labels(*labels, "estimated").inc(response.chunkstitch.cost_estimated)

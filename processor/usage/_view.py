@@ -214,6 +214,7 @@ def _row(start: int, size: int, group: tuple[str, ...], t: UsageTotals) -> dict[
             t.rate_tokens * 1000 / t.rate_duration_ms if t.rate_duration_ms else None
         ),
         "cost_usd": t.cost_nano_usd / 1e9,
+        "cost_estimated_usd": t.cost_estimated_nano_usd / 1e9,
     }
 
 

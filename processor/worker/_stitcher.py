@@ -30,6 +30,7 @@ from processor.core import (
     parse_chunk,
 )
 from processor.logs import get_logger
+from processor.pricing import costs
 from processor.settings import Settings
 from processor.worker._ledger import read_ledger
 from topics import (
@@ -558,6 +559,8 @@ class Stitcher:
         """The finished response of a stream, serialized, and its status."""
         response = stream.asm.finish(status=status, reason=reason, expected=stream.clock.end_count)
         self._fill_meta(response.chunkstitch, response.provider, partition, stream)
+        meta = response.chunkstitch  # cost: reported, else estimated (processor/pricing.py)
+        meta.cost_reported, meta.cost_estimated, meta.price_data = costs(response)
         body = response.to_json()
         if len(body) > self.settings.max_response_bytes:
             body = self._too_large(response, len(body), partition)

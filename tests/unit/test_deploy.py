@@ -96,9 +96,10 @@ def test_every_chunkstitch_variable_is_a_real_setting() -> None:
     for service in _compose()["services"].values():
         env = service.get("environment") or {}
         used |= _env_names(env)
-    for name in ("configmap.yaml", "secret.yaml"):
+    for name in ("configmap.yaml", "secret.yaml", "secret-api.yaml", "secret-usage-db.yaml"):
         doc = yaml.safe_load((K8S / "base" / name).read_text())
         used |= _env_names(doc.get("data") or doc.get("stringData") or {})
+    used |= _env_names(_compose_env())
     assert used, "no CHUNKSTITCH_ variable found: the test would prove nothing"
     assert used - KNOWN_ENV == set()
 
@@ -108,6 +109,51 @@ def test_secrets_come_only_from_the_secret() -> None:
     assert not {k for k in config if "PASSWORD" in k or "USERNAME" in k}
     secret = yaml.safe_load((K8S / "base" / "secret.yaml").read_text())
     assert set(secret["stringData"]) == {"CHUNKSTITCH_SASL_USERNAME", "CHUNKSTITCH_SASL_PASSWORD"}
+
+
+def _compose_env() -> dict[str, str]:
+    lines = (ROOT / "deploy" / "compose.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def test_usage_secrets_come_from_secrets_and_the_env_file() -> None:
+    config = yaml.safe_load((K8S / "base" / "configmap.yaml").read_text())["data"]
+    assert not {k for k in config if "TOKEN" in k or "DSN" in k}
+    api = yaml.safe_load((K8S / "base" / "secret-api.yaml").read_text())
+    assert set(api["stringData"]) == {"CHUNKSTITCH_API_TOKEN"}
+    db = yaml.safe_load((K8S / "base" / "secret-usage-db.yaml").read_text())
+    assert set(db["stringData"]) == {"CHUNKSTITCH_USAGE_DSN"}
+    assert db["stringData"]["CHUNKSTITCH_USAGE_DSN"].startswith("postgresql://")
+    for name, service in _compose()["services"].items():
+        inline = service.get("environment") or {}
+        assert not {k for k in inline if "TOKEN" in k or "DSN" in k or "PASSWORD" in k}, name
+    env = _compose_env()
+    assert {"CHUNKSTITCH_API_TOKEN", "CHUNKSTITCH_USAGE_DSN", "POSTGRES_PASSWORD"} <= set(env)
+    assert (
+        f":{env['POSTGRES_PASSWORD']}@postgres:5432/{env['POSTGRES_DB']}"
+        in env["CHUNKSTITCH_USAGE_DSN"]
+    )
+
+
+def test_compose_runs_the_usage_sink_on_postgres() -> None:
+    services = _compose()["services"]
+    sink, postgres = services["usage-sink"], services["postgres"]
+    assert sink["command"] == ["usage", "sink"]
+    assert sink["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert sink["depends_on"]["topics"]["condition"] == "service_completed_successfully"
+    assert "deploy/compose.env" in sink["env_file"]
+    assert "6067/healthz" in json.dumps(sink["healthcheck"])
+    assert sink["environment"]["CHUNKSTITCH_USAGE_SINK_PORT"] == "6067"
+    assert "pg_isready" in json.dumps(postgres["healthcheck"])
+    assert postgres["image"].startswith("postgres:")
+    assert "deploy/compose.env" in services["worker"]["env_file"]  # the /usage token
+    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = {
+        (sd["names"][0], sd["port"])
+        for job in prometheus["scrape_configs"]
+        for sd in job["dns_sd_configs"]
+    }
+    assert ("usage-sink", 6067) in targets
 
 
 def test_dockerfile_passes_hadolint() -> None:
@@ -171,7 +217,9 @@ def test_kubernetes_manifests_validate(target: str) -> None:
     import kubernetes_validate
 
     docs = render(K8S / target)
-    core = [d for d in docs if d["apiVersion"] in ("v1", "apps/v1", "policy/v1")]
+    core = [
+        d for d in docs if d["apiVersion"] in ("v1", "apps/v1", "policy/v1", "networking.k8s.io/v1")
+    ]
     assert {d["kind"] for d in core} >= {
         "Deployment",
         "Service",
@@ -187,6 +235,17 @@ def test_kubernetes_manifests_validate(target: str) -> None:
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["resources"]["limits"]["memory"]
+    assert {"secretRef": {"name": "chunkstitch-api"}} in container["envFrom"]
+    sink = next(d for d in docs if d["metadata"]["name"] == "chunkstitch-usage-sink")
+    sink_container = sink["spec"]["template"]["spec"]["containers"][0]
+    assert sink_container["args"] == ["usage", "sink"]
+    assert {"secretRef": {"name": "chunkstitch-usage-db"}} in sink_container["envFrom"]
+    assert sink_container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert sink_container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert (
+        sink_container["ports"][0]["containerPort"]
+        == Settings.model_fields["usage_sink_port"].default
+    )
 
 
 def test_production_overlay_scales_on_lag_up_to_the_partition_count() -> None:
@@ -201,6 +260,42 @@ def test_production_overlay_scales_on_lag_up_to_the_partition_count() -> None:
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     assert deployment["spec"]["replicas"] == 3
     assert deployment["metadata"]["namespace"] == "chunkstitch"
+
+
+def test_production_overlay_lets_only_monitoring_and_usage_readers_in() -> None:
+    docs = render(K8S / "overlays" / "production")
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "chunkstitch"}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = policy["spec"]["ingress"]
+    assert all(rule["from"] and rule["ports"] for rule in rules)  # no rule open to everyone
+    readers = next(r for r in rules if "podSelector" in r["from"][0])
+    assert readers["from"][0]["podSelector"]["matchLabels"] == {
+        "chunkstitch.io/usage-reader": "true"
+    }
+    assert [p["port"] for p in readers["ports"]] == [6066]
+    for deployment in (d for d in docs if d["kind"] == "Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "chunkstitch"  # covered by the policy
+
+
+def test_usage_history_dashboard_reads_the_postgres_views() -> None:
+    import re
+
+    from processor.usage._pg import MIGRATIONS
+
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "usage-history.json").read_text())
+    source = yaml.safe_load(
+        (ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "postgres.yml").read_text()
+    )["datasources"][0]
+    views = set(re.findall(r"CREATE VIEW (\w+)", "\n".join(sql for _, _, sql in MIGRATIONS)))
+    assert views == {"chunkstitch_usage_tenant_daily", "chunkstitch_usage_model_hourly"}
+    queried: set[str] = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == source["uid"]
+            queried |= set(re.findall(r"FROM (\w+)", target["rawSql"]))
+    assert queried == views
 
 
 def _default_settings(monkeypatch: pytest.MonkeyPatch) -> Settings:

@@ -1,0 +1,51 @@
+"""GET /usage behind a bearer token on a real worker; probes and metrics stay open."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tests.helpers.worker import WorkerProcess, isolated_settings, make_topics
+
+TOKEN = "cs-test-token-7f3a9c"
+WRONG = "cs-wrong-token-41b2"
+
+
+def _get(port: int, path: str, token: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+async def test_usage_needs_the_token_probes_do_not_and_it_is_never_logged(
+    broker: str, tmp_path: Path
+) -> None:
+    settings = isolated_settings(broker, tmp_path, api_token=TOKEN)
+    await make_topics(settings)
+    log = tmp_path / "worker.log"
+    worker = WorkerProcess(settings, log).start()
+    try:
+        port = worker.web_port
+        status, body = _get(port, "/usage?window=1h")
+        assert status == 401
+        assert "Authorization: Bearer" in json.loads(body)["error"]
+        assert _get(port, "/usage?window=1h", WRONG)[0] == 401
+        status, body = _get(port, "/usage?window=1h", TOKEN)
+        assert status == 200, body
+        assert json.loads(body)["rows"] == []
+        for open_path in ("/healthz", "/readyz", "/metrics"):
+            assert _get(port, open_path)[0] == 200, open_path
+    finally:
+        worker.stop()
+    text = log.read_text()
+    assert "request refused: no bearer token" in text
+    assert "request refused: wrong bearer token" in text
+    assert TOKEN not in text
+    assert WRONG not in text
