@@ -73,5 +73,9 @@ def aggregate(
     for key in sorted(
         groups, key=lambda k: (k.window_start_ms, *(getattr(k, d) for d in DIMENSIONS), k.late)
     ):
-        out.append(result(key, groups[key]).model_dump(exclude={"source_partition", "source_offset", "final"}))
+        out.append(
+            result(key, groups[key]).model_dump(
+                exclude={"source_partition", "source_offset", "final"}
+            )
+        )
     return out
