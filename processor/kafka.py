@@ -22,6 +22,7 @@ __all__ = [
     "connection_error",
     "describe_error",
     "end_offsets",
+    "open_reader",
     "probe_broker",
     "read_to_end",
     "unreachable_message",
@@ -175,6 +176,23 @@ async def connection_error(settings: Settings, exc: BaseException) -> BrokerUnre
     return None
 
 
+async def open_reader(settings: Settings, **options: Any) -> AIOKafkaConsumer:
+    """A started group-less consumer (no commits) for reading partitions it is assigned;
+    a failed start is stopped (no "Unclosed AIOKafkaConsumer") and reported in one line."""
+    consumer: AIOKafkaConsumer = AIOKafkaConsumer(
+        **settings.kafka_kwargs(), enable_auto_commit=False, group_id=None, **options
+    )
+    try:
+        await consumer.start()
+    except Exception as exc:
+        await asyncio.shield(consumer.stop())
+        problem = await connection_error(settings, exc)
+        if problem is None:
+            raise
+        raise problem from exc
+    return consumer
+
+
 async def end_offsets(
     settings: Settings, tps: Iterable[TopicPartition]
 ) -> dict[TopicPartition, int]:
@@ -182,17 +200,7 @@ async def end_offsets(
     of the last batch plus one (see :func:`read_to_end`): good as a place to start reading
     the newest records from, not as the end."""
     parts = list(tps)
-    consumer: AIOKafkaConsumer = AIOKafkaConsumer(
-        **settings.kafka_kwargs(), enable_auto_commit=False, group_id=None
-    )
-    try:
-        await consumer.start()
-    except Exception as exc:
-        await asyncio.shield(consumer.stop())  # else "Unclosed AIOKafkaConsumer" at exit
-        problem = await connection_error(settings, exc)
-        if problem is None:
-            raise
-        raise problem from exc
+    consumer = await open_reader(settings)
     try:
         ends: dict[TopicPartition, int] = await consumer.end_offsets(parts)
         return ends
@@ -231,21 +239,11 @@ async def read_to_end(
     parts = list(tps)
     if not parts:
         return []
-    consumer: AIOKafkaConsumer = AIOKafkaConsumer(
-        **settings.kafka_kwargs(),
-        enable_auto_commit=False,
-        group_id=None,
+    consumer = await open_reader(
+        settings,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=20,  # reading to a known end: never wait for new records
     )
-    try:
-        await consumer.start()
-    except Exception as exc:
-        await asyncio.shield(consumer.stop())  # else "Unclosed AIOKafkaConsumer" at exit
-        problem = await connection_error(settings, exc)
-        if problem is None:
-            raise
-        raise problem from exc
     out: list[ConsumerRecord[bytes, bytes]] = []
     progress = ReadProgress(partitions=len(parts))
     try:

@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import KafkaError
 
-from processor.kafka import BrokerUnreachable, unreachable_message
+from processor.kafka import BrokerUnreachable, open_reader, unreachable_message
 from processor.logs import get_logger
 from processor.settings import Settings
 
@@ -52,17 +52,11 @@ async def read_ledger(
     if not partitions:
         return out
     tps = [TopicPartition(settings.topic_ledger, p) for p in partitions]
-    consumer: AIOKafkaConsumer = AIOKafkaConsumer(
-        **settings.kafka_kwargs(),
-        enable_auto_commit=False,
-        group_id=None,
+    consumer = await open_reader(
+        settings,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=20,  # reading to a known end: never wait for new records
     )
-    try:
-        await consumer.start()
-    except KafkaConnectionError as exc:
-        raise BrokerUnreachable(unreachable_message(settings, exc)) from exc
     try:
         consumer.assign(tps)
         starts = await _start_offsets(consumer, tps, since_ms)
