@@ -21,6 +21,12 @@ def open_source(source: str) -> tuple[BinaryIO, int | None]:
     if source == "-":
         return sys.stdin.buffer, None
     path = Path(source)
+    if path.is_dir():
+        typer.echo(
+            f"error: {source} is a directory; pass a JSON Lines or SSE file in it, or '-'",
+            err=True,
+        )
+        raise typer.Exit(2)
     if not path.is_file():
         typer.echo(
             f"error: {source}: no such file; pass a JSON Lines or SSE file, or '-'", err=True

@@ -322,3 +322,11 @@ def test_a_missing_extra_is_one_line_naming_it(module: str, args: list[str], wor
     )
     result = Run(proc.returncode, proc.stdout, proc.stderr)
     assert words in one_error_line(result)
+
+
+def test_publish_of_a_directory_says_it_is_a_directory(tmp_path: Path) -> None:
+    result = run("publish", str(tmp_path))
+    assert result.code == 2
+    assert one_error_line(result).endswith(
+        "is a directory; pass a JSON Lines or SSE file in it, or '-'"
+    )
