@@ -138,7 +138,6 @@ def create_app(settings: Settings) -> faust.App:
         async with stitcher.lock:
             stitcher.tick()
             await stitcher.flush()
-        _update_lag(app, settings, stitcher)
 
     @app.timer(1.0)  # type: ignore[untyped-decorator,unused-ignore]
     @sup.guard("watchdog timer")
@@ -267,7 +266,8 @@ def _hard_exit_later(code: int, after_s: float) -> None:
 
 
 def _note_highwaters(app: faust.App, settings: Settings, stitcher: Stitcher) -> None:
-    """Hand the stitcher each partition's fetch high watermark (lag-aware time rules)."""
+    """Hand the stitcher each partition's fetch high watermark (lag-aware time rules) and
+    set the consumer lag gauge: that high watermark minus the next offset to take."""
     try:
         consumer = app.consumer
         marks = {
@@ -278,6 +278,11 @@ def _note_highwaters(app: faust.App, settings: Settings, stitcher: Stitcher) -> 
     except Exception:  # the consumer is not started yet
         return
     stitcher.fetched(marks)
+    for partition, highwater in marks.items():
+        if highwater is not None:
+            part = stitcher.parts.get(partition)
+            taken = part.next_offset if part is not None and part.next_offset else 0
+            metrics.LAG.labels(str(partition)).set(max(highwater - taken, 0))
 
 
 def _stop_worker(
@@ -310,22 +315,6 @@ def _assigned(app: faust.App, settings: Settings) -> set[int]:
         }
     except Exception:  # the consumer is not started yet
         return set()
-
-
-def _update_lag(app: faust.App, settings: Settings, stitcher: Stitcher) -> None:
-    """Consumer lag per partition: the fetch high watermark minus the next offset to take."""
-    try:
-        consumer = app.consumer
-        for tp in consumer.assignment():
-            if tp.topic != settings.topic_chunks:
-                continue
-            highwater = consumer.highwater(tp)
-            last = stitcher.last_offset.get(tp.partition)
-            if highwater is not None:
-                taken = last + 1 if last is not None else 0
-                metrics.LAG.labels(str(tp.partition)).set(max(highwater - taken, 0))
-    except Exception:  # metrics must never break the worker
-        return
 
 
 def _credentials(settings: Settings) -> Any:

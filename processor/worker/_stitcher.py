@@ -203,8 +203,6 @@ class Stitcher:
         self.lock = asyncio.Lock()
         self._loading: dict[int, asyncio.Task[None]] = {}
         self._generation: dict[int, int] = {}
-        self.last_offset: dict[int, int] = {}
-        """Offset of the last record taken, per partition (for the lag gauge)."""
 
     # -- partitions -----------------------------------------------------------------------
     async def _partition(self, partition: int) -> _Partition:
@@ -291,7 +289,6 @@ class Stitcher:
         gone = set(partitions)
         for partition in partitions:
             self._generation[partition] = self._generation.get(partition, 0) + 1
-            self.last_offset.pop(partition, None)
             part = self.parts.pop(partition, None)
             if part is not None:
                 log.info("partition revoked", partition=partition, open=len(part.open))
@@ -377,7 +374,6 @@ class Stitcher:
             and ts <= self.wall_clock() * 1000 + 60_000
         ):
             part.stream_time_ms = ts
-        self.last_offset[rec.partition] = rec.offset
         try:
             self._handle(part, rec)
         except Exception as exc:

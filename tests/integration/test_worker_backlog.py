@@ -177,6 +177,20 @@ async def test_committed_offsets_reach_the_partition_ends_on_the_batch_path(
                     break
                 await asyncio.sleep(0.5)
             assert committed == ends
+            # and the lag gauge agrees: nothing left to take on any partition
+            lags: list[float] = []
+            for _ in range(40):
+                text = worker.get("/metrics").decode()
+                lags = [
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith("chunkstitch_consumer_lag{")
+                ]
+                if len(lags) == settings.partitions and not any(lags):
+                    break
+                await asyncio.sleep(0.25)
+            assert len(lags) == settings.partitions
+            assert not any(lags), lags
         finally:
             await consumer.stop()
     finally:
