@@ -88,6 +88,8 @@ CREATE TABLE {TABLE} (
     reasoning_tokens bigint NOT NULL DEFAULT 0,
     cost_nano_usd bigint NOT NULL DEFAULT 0,
     with_cost bigint NOT NULL DEFAULT 0,
+    cost_estimated_nano_usd bigint NOT NULL DEFAULT 0,
+    with_cost_estimated bigint NOT NULL DEFAULT 0,
     ttfc_ms_buckets bigint[] NOT NULL,
     duration_ms_buckets bigint[] NOT NULL,
     rate_tokens bigint NOT NULL DEFAULT 0,
@@ -120,50 +122,12 @@ SELECT date_trunc('day', window_start, 'UTC') AS day,
        sum(prompt_tokens)::bigint AS prompt_tokens,
        sum(completion_tokens)::bigint AS completion_tokens,
        sum(total_tokens)::bigint AS total_tokens,
-       sum(cost_nano_usd) / 1e9 AS cost_usd
-FROM {TABLE}
-WHERE window_ms = {MINUTE_MS}
-GROUP BY 1, 2;
-CREATE VIEW chunkstitch_usage_model_hourly AS
-SELECT date_trunc('hour', window_start, 'UTC') AS hour,
-       model,
-       provider,
-       sum(requests)::bigint AS requests,
-       sum(error)::bigint AS error,
-       sum(prompt_tokens)::bigint AS prompt_tokens,
-       sum(completion_tokens)::bigint AS completion_tokens,
-       sum(total_tokens)::bigint AS total_tokens,
-       sum(cost_nano_usd) / 1e9 AS cost_usd,
-       sum(rate_tokens) * 1000.0 / nullif(sum(rate_duration_ms), 0) AS output_tokens_per_s
-FROM {TABLE}
-WHERE window_ms = {MINUTE_MS}
-GROUP BY 1, 2, 3;
-""",
-    ),
-    (
-        3,
-        "estimated cost apart from reported cost",
-        f"""
-ALTER TABLE {TABLE}
-    ADD COLUMN cost_estimated_nano_usd bigint NOT NULL DEFAULT 0,
-    ADD COLUMN with_cost_estimated bigint NOT NULL DEFAULT 0;
-CREATE OR REPLACE VIEW chunkstitch_usage_tenant_daily AS
-SELECT date_trunc('day', window_start, 'UTC') AS day,
-       tenant,
-       sum(requests)::bigint AS requests,
-       sum(complete)::bigint AS complete,
-       sum(incomplete)::bigint AS incomplete,
-       sum(error)::bigint AS error,
-       sum(without_usage)::bigint AS without_usage,
-       sum(prompt_tokens)::bigint AS prompt_tokens,
-       sum(completion_tokens)::bigint AS completion_tokens,
-       sum(total_tokens)::bigint AS total_tokens,
        sum(cost_nano_usd) / 1e9 AS cost_usd,
        sum(cost_estimated_nano_usd) / 1e9 AS cost_estimated_usd
 FROM {TABLE}
 WHERE window_ms = {MINUTE_MS}
 GROUP BY 1, 2;
-CREATE OR REPLACE VIEW chunkstitch_usage_model_hourly AS
+CREATE VIEW chunkstitch_usage_model_hourly AS
 SELECT date_trunc('hour', window_start, 'UTC') AS hour,
        model,
        provider,

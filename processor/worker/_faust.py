@@ -270,14 +270,12 @@ def install_batch_consumer(app: Any, handler: BatchHandler) -> None:
     """Make ``app`` build its consumer from :func:`BatchConsumer` feeding ``handler``."""
     cls = BatchConsumer()
     transport = app.transport
-    base_create = transport.create_consumer
 
     def create_consumer(callback: Any, **kwargs: Any) -> Any:
         consumer = cls(transport, callback=callback, loop=transport.loop, **kwargs)
         consumer.batch_handler = handler
         return consumer
 
-    del base_create
     transport.create_consumer = create_consumer
 
 
