@@ -55,8 +55,16 @@ async def test_totals_are_exact_after_kill_9_and_served_everywhere(
     try:
         await produce(settings, records[half:])
         await read_topic(settings, settings.topic_responses, until=len(streams), timeout_s=90)
-        await asyncio.sleep(3)  # the usage agent publishes after each batch
-        body = json.loads(restarted.get("/usage?window=1d&by=tenant"))
+        # The usage agent folds and publishes after the stitcher, and the read model
+        # follows the rollup topic: wait until it has counted every completion (or
+        # more, which the assertion below then reports), never for a fixed time.
+        deadline = time.monotonic() + 60
+        while True:
+            body = json.loads(restarted.get("/usage?window=1d&by=tenant"))
+            counted = sum(row["totals"]["requests"] for row in body["rows"])
+            if counted >= len(streams) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.25)
         metrics = restarted.get("/metrics").decode()
     finally:
         restarted.stop()
