@@ -379,17 +379,22 @@ def run_variant(variant: str, streams: int, chunks: int, tmp: Path) -> dict[str,
 
 async def _paced_latency(
     settings: Settings, rate: float, seconds: float, *, markers_out: bool, seed: int = 3
-) -> list[float]:
+) -> list[tuple[str, float, float, float]]:
     """Publish 20-chunk streams with end markers at ``rate`` records/s for ``seconds``;
     per stream, the seconds from its end marker's publish (the ``send`` call, as a gateway
     makes it) to the first record under its key arriving on the responses topic at a consumer
     (which asks the broker every 10 ms, as the worker does). ``markers_out``: the output
-    carries the end markers themselves (a passthrough), not responses."""
+    carries the end markers themselves (a passthrough), not responses.
+
+    Per stream ``(key, published, produced, arrived)``, wall-clock seconds: ``produced`` is the
+    output record's CreateTime (ms), which the producer of the hop (the worker, or the hop
+    floor's forwarder) stamps when it hands the record to its producer, so the latency
+    splits into the hop's input side and its output side."""
     n_streams = max(int(rate * seconds / 21), 10)
     records = _records(n_streams, 20, seed=seed)
     broker, topic_in, topic_out = settings.broker, settings.topic_chunks, settings.topic_responses
     sent_at: dict[bytes, float] = {}
-    arrived_at: dict[bytes, float] = {}
+    arrived_at: dict[bytes, tuple[float, float]] = {}
     c = AIOKafkaConsumer(
         topic_out,
         bootstrap_servers=broker,
@@ -406,7 +411,7 @@ async def _paced_latency(
             for recs in batch.values():
                 for r in recs:
                     if r.key is not None and (not markers_out or not r.value):
-                        arrived_at.setdefault(r.key, now)
+                        arrived_at.setdefault(r.key, (now, r.timestamp / 1000))
 
     task = asyncio.create_task(reader())
     p = AIOKafkaProducer(bootstrap_servers=broker, acks="all", linger_ms=1)
@@ -425,7 +430,23 @@ async def _paced_latency(
         await asyncio.wait_for(task, timeout=60)
     finally:
         await c.stop()
-    return [max(arrived_at[k] - sent_at[k], 0.0) for k in sent_at if k in arrived_at]
+    return [
+        (k.decode(), sent_at[k], arrived_at[k][1], arrived_at[k][0])
+        for k in sent_at
+        if k in arrived_at
+    ]
+
+
+def _split(stamps: list[tuple[str, float, float, float]]) -> dict[str, float]:
+    """p50/p99 of the whole latency and of its two sides (see :func:`_paced_latency`)."""
+    out = _percentiles([max(a - p, 0.0) for _, p, _, a in stamps])
+    for side, values in (
+        ("in", [max(c - p, 0.0) for _, p, c, _ in stamps]),
+        ("out", [max(a - c, 0.0) for _, _, c, a in stamps]),
+    ):
+        pct = _percentiles(values)
+        out[f"{side}_p50_ms"], out[f"{side}_p99_ms"] = pct["p50_ms"], pct["p99_ms"]
+    return out
 
 
 def _percentiles(lat: list[float]) -> dict[str, float]:
@@ -437,7 +458,15 @@ def _percentiles(lat: list[float]) -> dict[str, float]:
     }
 
 
-def latency_floor(rate: float, tmp: Path, seconds: float) -> dict[str, float]:
+def _dump(path: Path | None, stamps: list[tuple[str, float, float, float]]) -> None:
+    """Write the per-stream stamps of a trial (JSON) for a closer look; nothing if None."""
+    if path is not None:
+        path.write_text(json.dumps(stamps))
+
+
+def latency_floor(
+    rate: float, tmp: Path, seconds: float, dump: Path | None = None
+) -> dict[str, float]:
     """The same paced load through ``HOP_FLOOR``: what reading one topic and writing
     another costs any Python pipeline on this broker, measured in the same run."""
     with EmbeddedBroker() as broker:
@@ -459,67 +488,108 @@ def latency_floor(rate: float, tmp: Path, seconds: float) -> dict[str, float]:
             while proc.stdout.readline().strip() != b"assigned":
                 if proc.poll() is not None:
                     raise RuntimeError(f"passthrough exited with {proc.returncode}")
-            lat = asyncio.run(_paced_latency(settings, rate, seconds, markers_out=True))
+            stamps = asyncio.run(_paced_latency(settings, rate, seconds, markers_out=True))
         finally:
             _stop(proc)
-    return _percentiles(lat)
+    _dump(dump, stamps)
+    return _split(stamps)
 
 
-def latency_and_memory(rate: float, tmp: Path, seconds: float) -> dict[str, float]:
+def latency_and_memory(
+    rate: float,
+    tmp: Path,
+    seconds: float,
+    *,
+    memory: bool = True,
+    extra_env: dict[str, str] | None = None,
+    dump: Path | None = None,
+) -> dict[str, float]:
     """Latency at ``rate`` on a fresh broker (its memory store slows as it grows: see the
-    README), then memory with 10,000 streams in flight on the same worker."""
+    README), then (``memory``) memory with 10,000 streams in flight on the same worker.
+    ``extra_env``: settings (``CHUNKSTITCH_*``) for this worker only."""
     with EmbeddedBroker() as broker:
         settings = _settings(
             broker.bootstrap, tmp, web_port=free_port(), idle_timeout_s=300, max_lifetime_s=3000
         )
         asyncio.run(create_topics(settings))
-        proc = _worker(settings, tmp / "worker-lat.log")
+        proc = _worker(settings, tmp / "worker-lat.log", extra_env)
+        busy_rss = 0.0
         try:
             _wait_ready(_http_ready(settings.web_port), proc)
-            lat = asyncio.run(_paced_latency(settings, rate, seconds, markers_out=False))
+            stamps = asyncio.run(_paced_latency(settings, rate, seconds, markers_out=False))
             idle_rss = _rss_mb(proc.pid)
-            # 10,000 streams in flight: their first three chunks, no end.
-            rng = random.Random(9)
-            recs = []
-            for i in range(10_000):
-                cid = f"inflight-{i}"
-                for n, c in enumerate(text_stream(cid, 12, rng)[:3]):
-                    recs.append(
-                        (cid.encode(), json.dumps(c).encode(), encode_headers(RecordMeta(seq=n)))
-                    )
-            asyncio.run(_preload(broker.bootstrap, settings.topic_chunks, recs))
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{settings.web_port}/readyz", timeout=2
-                ) as r:
-                    if json.loads(r.read())["in_flight"] >= 10_000:
-                        break
-                time.sleep(0.5)
-            busy_rss = _rss_mb(proc.pid)
+            if memory:
+                busy_rss = _in_flight_rss(broker.bootstrap, settings, proc.pid)
         finally:
             _stop(proc)
-    return {**_percentiles(lat), "rss_idle_mb": idle_rss, "rss_10k_mb": busy_rss}
+    _dump(dump, stamps)
+    return {**_split(stamps), "rss_idle_mb": idle_rss, "rss_10k_mb": busy_rss}
 
 
-def report_latency(peak: float, tmp: Path, seconds: float, trials: int) -> None:
+def _in_flight_rss(bootstrap: str, settings: Settings, pid: int) -> float:
+    """The worker's RSS once it holds 10,000 streams in flight (their first three chunks)."""
+    rng = random.Random(9)
+    recs = []
+    for i in range(10_000):
+        cid = f"inflight-{i}"
+        for n, c in enumerate(text_stream(cid, 12, rng)[:3]):
+            recs.append((cid.encode(), json.dumps(c).encode(), encode_headers(RecordMeta(seq=n))))
+    asyncio.run(_preload(bootstrap, settings.topic_chunks, recs))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/readyz", timeout=2) as r:
+            if json.loads(r.read())["in_flight"] >= 10_000:
+                break
+        time.sleep(0.5)
+    return _rss_mb(pid)
+
+
+def report_latency(
+    peak: float,
+    tmp: Path,
+    seconds: float,
+    trials: int,
+    *,
+    memory: bool = True,
+    extra_env: dict[str, str] | None = None,
+    dump: Path | None = None,
+) -> None:
     rate = peak / 2
     print(
         f"\nlatency at half of (c)'s peak ({rate:,.0f} records/s, {seconds:.0f} s per trial, "
-        f"fresh broker each): end marker published -> response arrived",
+        f"fresh broker each, hop floor and worker interleaved): end marker published -> "
+        f"response arrived; in = published -> output produced (its CreateTime), "
+        f"out = produced -> arrived",
         flush=True,
     )
+    if extra_env:
+        print(f"  worker settings: {' '.join(f'{k}={v}' for k, v in extra_env.items())}")
     worker_runs, floor_runs = [], []
     lm: dict[str, float] = {}
+
+    def line(r: dict[str, float]) -> str:
+        return (
+            f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms (in {r['in_p50_ms']:.1f}"
+            f"/{r['in_p99_ms']:.1f}, out {r['out_p50_ms']:.1f}/{r['out_p99_ms']:.1f})"
+        )
+
     for trial in range(1, trials + 1):
-        floor = latency_floor(rate, tmp, seconds)
-        lm = latency_and_memory(rate, tmp, seconds)
+        if dump is not None:
+            dump.mkdir(parents=True, exist_ok=True)
+        floor = latency_floor(rate, tmp, seconds, dump / f"floor-{trial}.json" if dump else None)
+        lm = latency_and_memory(
+            rate,
+            tmp,
+            seconds,
+            memory=memory and trial == trials,
+            extra_env=extra_env,
+            dump=dump / f"worker-{trial}.json" if dump else None,
+        )
         floor_runs.append(floor)
         worker_runs.append(lm)
         print(
-            f"  trial {trial}: chunkstitch p50 {lm['p50_ms']:.1f} ms, p99 {lm['p99_ms']:.1f} ms"
-            f" ({lm['samples']:.0f} streams) | hop floor p50 {floor['p50_ms']:.1f} ms, "
-            f"p99 {floor['p99_ms']:.1f} ms",
+            f"  trial {trial} ({lm['samples']:.0f} streams): chunkstitch {line(lm)} | "
+            f"hop floor {line(floor)}",
             flush=True,
         )
     med = statistics.median
@@ -529,10 +599,11 @@ def report_latency(peak: float, tmp: Path, seconds: float, trials: int) -> None:
         f"{med(r['p50_ms'] for r in floor_runs):.1f} ms, "
         f"p99 {med(r['p99_ms'] for r in floor_runs):.1f} ms"
     )
-    print(
-        f"worker RSS: {lm['rss_idle_mb']:.0f} MB idle, "
-        f"{lm['rss_10k_mb']:.0f} MB with 10,000 streams in flight"
-    )
+    if memory:
+        print(
+            f"worker RSS: {lm['rss_idle_mb']:.0f} MB idle, "
+            f"{lm['rss_10k_mb']:.0f} MB with 10,000 streams in flight"
+        )
 
 
 def backlog_check(streams: int, idle_timeout_s: float, partitions: int, tmp: Path) -> None:
@@ -661,6 +732,23 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--latency-trials", type=int, default=3, help="latency trials")
     parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the latency trials' worker only (CHUNKSTITCH_...); repeatable",
+    )
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the 10,000-streams memory check"
+    )
+    parser.add_argument(
+        "--latency-dump",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write per-stream (key, published, produced, arrived) stamps of each trial here",
+    )
+    parser.add_argument(
         "--no-lengths", action="store_true", help="skip the chunks-per-stream comparison"
     )
     parser.add_argument(
@@ -678,12 +766,19 @@ def main(argv: list[str]) -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    extra_env = {}
+    for item in args.worker_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("CHUNKSTITCH_"):
+            parser.error(f"--worker-env {item!r}: expected CHUNKSTITCH_NAME=VALUE")
+        extra_env[name] = value
+    latency = {"memory": not args.no_memory, "extra_env": extra_env, "dump": args.latency_dump}
     tmp = Path(tempfile.mkdtemp(prefix="chunkstitch-bench-"))
     if args.backlog:
         backlog_check(args.backlog, args.backlog_idle_s, args.backlog_partitions, tmp)
         return
     if args.peak:
-        report_latency(args.peak, tmp, args.latency_seconds, args.latency_trials)
+        report_latency(args.peak, tmp, args.latency_seconds, args.latency_trials, **latency)
         return
     records = len(_records(args.streams, 20, seed=1))
     results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
@@ -701,7 +796,7 @@ def main(argv: list[str]) -> None:
     peak = report_throughput(results, args.rounds, records)
     if not peak:
         return
-    report_latency(peak, tmp, args.latency_seconds, args.latency_trials)
+    report_latency(peak, tmp, args.latency_seconds, args.latency_trials, **latency)
     if args.no_lengths:
         return
     print("\nchunks/s by stream length (same total chunks):", flush=True)
