@@ -48,7 +48,7 @@ from processor.usage._state import PartitionUsage
 from processor.worker._supervise import supervisor
 from topics import ChatCompletion, UsageCheckpoint
 
-__all__ = ["load_checkpoint", "register"]
+__all__ = ["load_checkpoint", "may_publish", "register"]
 
 log = get_logger("chunkstitch.usage")
 
@@ -221,9 +221,23 @@ def register(app: faust.App, settings: Settings) -> None:
                     count(response)
                     _late_note(state, response, message.offset, settings)
 
-    async def flush(states: list[PartitionUsage]) -> None:
-        """Rollups first (acknowledged), then the checkpoints that reflect them."""
+    lease = getattr(app, "lease", None)
+
+    async def flush(states: list[PartitionUsage], *, revoking: bool = False) -> None:
+        """Rollups first (acknowledged), then the checkpoints that reflect them. Only
+        under the membership lease (as the stitcher's outputs): a worker that may have
+        lost its partitions writes no rollup and no older checkpoint; its state stays
+        undrained and goes out at the next interval once the lease is renewed."""
         async with publish_lock:
+            if not may_publish(lease, revoking=revoking):
+                if revoking:
+                    log.warning(
+                        "not checkpointing the revoked usage partitions: the membership "
+                        "lease had lapsed (this worker may no longer own them); their new "
+                        "owner refolds from the previous checkpoint",
+                        partitions=[s.partition for s in states],
+                    )
+                return
             drained = [(s, s.drain()) for s in states]
             acks = []
             for state, d in drained:
@@ -294,7 +308,7 @@ def register(app: faust.App, settings: Settings) -> None:
         if not states:
             return
         try:
-            await asyncio.wait_for(flush(states), timeout=settings.session_timeout_s)
+            await asyncio.wait_for(flush(states, revoking=True), timeout=settings.session_timeout_s)
         except Exception as exc:
             log.warning(
                 "could not checkpoint the revoked usage partitions; their new owner "
@@ -312,6 +326,15 @@ def register(app: faust.App, settings: Settings) -> None:
             await service.wait_failed()
         finally:
             service.stop()
+
+
+def may_publish(lease: Any, *, revoking: bool = False) -> bool:
+    """Whether the usage publisher may write now: no lease (a bare app) or a valid one;
+    for the last checkpoint of revoked partitions, a lease that was valid when the
+    revocation came (the rebalance itself revokes it just before)."""
+    if lease is None or lease.valid():
+        return True
+    return revoking and bool(lease.held_at_revoke)
 
 
 async def _acknowledged(acks: list[Any], settings: Settings, what: str) -> None:
