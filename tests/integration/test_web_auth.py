@@ -53,3 +53,35 @@ async def test_usage_needs_the_token_probes_do_not_and_it_is_never_logged(
     assert "request refused: wrong bearer token" in text
     assert TOKEN not in text
     assert WRONG not in text
+
+
+def _kill_the_usage_server(worker: WorkerProcess) -> int:
+    """SIGKILL the worker's one child (its usage server process); the worker's exit code."""
+    import os
+    import signal
+
+    assert worker.proc is not None
+    children = [
+        c
+        for task in Path(f"/proc/{worker.proc.pid}/task").iterdir()
+        for c in (task / "children").read_text().split()
+    ]
+    assert len(children) == 1, children
+    os.kill(int(children[0]), signal.SIGKILL)
+    return worker.proc.wait(timeout=30)
+
+
+async def test_the_usage_server_dying_stops_the_worker_loudly(broker: str, tmp_path: Path) -> None:
+    import asyncio
+
+    settings = isolated_settings(broker, tmp_path)
+    await make_topics(settings)
+    log = tmp_path / "worker.log"
+    worker = WorkerProcess(settings, log).start()
+    try:
+        assert await asyncio.to_thread(_kill_the_usage_server, worker) == 1
+    finally:
+        worker.stop()
+    text = log.read_text()
+    assert "usage server died; stopping the worker" in text
+    assert "the usage server process" in text
