@@ -138,6 +138,7 @@ def _settings(broker: str, tmp: Path, **extra: Any) -> Settings:
         "idle_timeout_s": 10,
         "data_dir": str(tmp / "data"),
         "log_level": "WARNING",
+        "usage_port": free_port(),
     }
     values.update(extra)
     return Settings(**values)

@@ -62,6 +62,7 @@ class Worker:
 
     def start(self) -> None:
         env = {**os.environ, **self.settings.to_env(), "CHUNKSTITCH_WEB_PORT": str(self.port)}
+        env["CHUNKSTITCH_USAGE_PORT"] = str(free_port())
         if self.instance_id:
             env["CHUNKSTITCH_GROUP_INSTANCE_ID"] = self.instance_id
         out = self.log.open("ab")

@@ -3,7 +3,8 @@
 Publishes ``--completions`` tiny completions (one chunk with usage plus an end marker,
 through a raw batched aiokafka producer) whose request times are spread evenly over 30
 simulated days, in ``--phases`` phases. After every phase the worker is killed with
-SIGKILL and restarted. At each phase it reports the worker's RSS, the time from the
+SIGKILL and restarted. At each phase it reports the worker's RSS (and CPU) together with
+its usage server child process, which holds the read model, the time from the
 restart to the first response of the new phase, ``GET /usage`` latency (p50/p99 of a
 mix of queries, 8 at a time) and, next to the worker's, the embedded broker's own RSS
 and CPU (its memory store never deletes anything, so it grows with the run). At the end
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -172,6 +174,23 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _tree_rss_mb(pid: int) -> float:
+    """The worker and its children (the usage server process holds the read model)."""
+    return _rss_mb(pid) + sum(_rss_mb(c) for c in _children(pid))
+
+
+def _tree_cpu_s(pid: int) -> float:
+    return _cpu_s(pid) + sum(_cpu_s(c) for c in _children(pid))
+
+
 def _cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -243,6 +262,7 @@ async def soak(
             data_dir=str(tmp / "data"),
             log_level="WARNING",
             web_port=free_port(),
+            usage_port=free_port(),
             # the dedup horizon counts real time: a soak compresses 30 days into minutes,
             # so the defaults (10 min, 1 h) would hold a large part of the whole run; the
             # stitcher's emitted-ids memory likewise
@@ -299,13 +319,13 @@ async def soak(
                 p50 = p99 = float("nan")
                 if usage:
                     await asyncio.sleep(2.5)  # rollups published (every 1 s), view updated
-                    p50, p99 = await asyncio.to_thread(_usage_latency, settings.web_port)
+                    p50, p99 = await asyncio.to_thread(_usage_latency, settings.usage_port)
                 gauges = _metrics(settings.web_port)
                 row = {
                     **gauges,
                     "phase": phase + 1,
                     "completions": want,
-                    "worker_rss_mb": _rss_mb(proc.pid),
+                    "worker_rss_mb": _tree_rss_mb(proc.pid),
                     "restart_to_first_s": (first - spawned) if phase else None,
                     "phase_s": time.monotonic() - spawned,
                     "publish_s": publish_s,
@@ -313,7 +333,7 @@ async def soak(
                     "usage_p99_ms": p99,
                     "broker_rss_mb": _rss_mb(bpid),
                     "broker_cpu_s": _cpu_s(bpid) - broker_cpu0,
-                    "worker_cpu_s": _cpu_s(proc.pid),
+                    "worker_cpu_s": _tree_cpu_s(proc.pid),
                     "responses_records": outputs.records,
                 }
                 rows.append(row)
@@ -370,7 +390,7 @@ async def soak(
 
 HEADER = (
     "| phase | completions | phase time | worker RSS | restart -> first output | /usage p50 "
-    "| /usage p99 | broker RSS | broker CPU (cum.) | worker CPU (this process) |"
+    "| /usage p99 | broker RSS | broker CPU (cum.) | worker CPU (with its usage server) |"
 )
 
 

@@ -153,7 +153,7 @@ def main(argv: list[str]) -> None:
                             sys.executable,
                             "-c",
                             LOAD,
-                            str(settings.web_port),
+                            str(settings.usage_port),
                             str(args.burst),
                             str(args.seconds + 2),
                         ],

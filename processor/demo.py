@@ -227,6 +227,7 @@ def _run_demo(workdir: Path) -> DemoResult:
                 idle_timeout_s=4,
                 usage_grace_s=0.5,
                 web_port=web_port,
+                usage_port=free_port(),
                 data_dir=str(workdir / "data"),
                 log_level="WARNING",
             )

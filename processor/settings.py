@@ -195,6 +195,18 @@ class Settings(BaseSettings):
         "the PostgreSQL sink).",
     )
     usage_query_limit_max: int = Field(default=10_000, ge=1)
+    usage_port: int = Field(
+        default=6068,
+        ge=1,
+        le=65535,
+        description="Port of GET /usage (on CHUNKSTITCH_WEB_HOST): its own server, off the "
+        "worker's event loop; distinct ports for several workers on a host.",
+    )
+    usage_server: Literal["process", "thread"] = Field(
+        default="process",
+        description="Where /usage and the read model run: a child process of the worker "
+        "(no share of its GIL) or a thread of it.",
+    )
     usage_view_wait_s: float = Field(
         default=10.0, ge=0, description="/usage waits this long for the read model to catch up."
     )

@@ -23,6 +23,14 @@ def worker(
             "else 6066).",
         ),
     ] = None,
+    usage_port: Annotated[
+        int | None,
+        typer.Option(
+            metavar="PORT",
+            help="Port of GET /usage, served off the worker's event loop (default: "
+            "CHUNKSTITCH_USAGE_PORT, else 6068).",
+        ),
+    ] = None,
     log_level: Annotated[
         str | None,
         typer.Option(
@@ -43,13 +51,14 @@ def worker(
 
     Logs go to stderr. Exit codes: 0 after Ctrl-C or SIGTERM, 1 when outputs could not be
     written (restart it: unacknowledged records are replayed), 2 when it cannot start
-    (no broker, bad setting, web port in use).
+    (no broker, bad setting, web or usage port in use).
     """
     from processor.worker import run_worker
 
     settings = load_settings(
         broker=broker,
         web_port=web_port,
+        usage_port=usage_port,
         log_level=log_level.upper() if log_level else None,
         log_format=log_format.lower() if log_format else None,
     )

@@ -1,5 +1,6 @@
 """The usage plug-in of the worker: an agent on the responses topic, a publisher timer
-(rollups, then checkpoints), token metrics, the read model and ``GET /usage``.
+(rollups, then checkpoints), token metrics, and the supervised read model with its
+``GET /usage`` server (``_serve.py``: its own port and event loop, never the worker's).
 
 Per responses partition (``PartitionUsage``, see ``_state.py`` for the bounds):
 
@@ -35,23 +36,19 @@ import time
 from typing import Any, cast
 
 import faust
-from faust.web import Request, Response, View
 from pydantic import ValidationError
 
 from processor import metrics
 from processor.core._usage import MINUTE_MS
 from processor.kafka import end_offsets, read_to_end
 from processor.logs import get_logger
-from processor.pricing import PRICE_DATA
 from processor.settings import Settings
-from processor.usage._history import History
+from processor.usage._serve import start_service
 from processor.usage._state import PartitionUsage
-from processor.usage._view import DIMENSIONS, QueryError, UsageQuery, ViewRunner
-from processor.web_auth import check_bearer
 from processor.worker._supervise import supervisor
 from topics import ChatCompletion, UsageCheckpoint
 
-__all__ = ["load_checkpoint", "register"]
+__all__ = ["load_checkpoint", "may_publish", "register"]
 
 log = get_logger("chunkstitch.usage")
 
@@ -92,7 +89,7 @@ async def load_checkpoint(settings: Settings, partition: int) -> UsageCheckpoint
 
 
 def register(app: faust.App, settings: Settings) -> None:
-    """Add the usage agent, its publisher timer, the read model and ``/usage``."""
+    """Add the usage agent, its publisher timer, and the read model with ``/usage``."""
     sup = supervisor(app)
     responses = app.topic(
         settings.topic_responses,
@@ -110,7 +107,7 @@ def register(app: faust.App, settings: Settings) -> None:
     assigned: set[int] = set()
     publish_lock = asyncio.Lock()
     labels_seen: set[tuple[str, str, str]] = set()
-    view = ViewRunner(settings)
+    service = start_service(settings)
 
     def count(response: ChatCompletion) -> None:
         _observe(response, settings.metrics_label_cap, labels_seen)
@@ -224,9 +221,23 @@ def register(app: faust.App, settings: Settings) -> None:
                     count(response)
                     _late_note(state, response, message.offset, settings)
 
-    async def flush(states: list[PartitionUsage]) -> None:
-        """Rollups first (acknowledged), then the checkpoints that reflect them."""
+    lease = getattr(app, "lease", None)
+
+    async def flush(states: list[PartitionUsage], *, revoking: bool = False) -> None:
+        """Rollups first (acknowledged), then the checkpoints that reflect them. Only
+        under the membership lease (as the stitcher's outputs): a worker that may have
+        lost its partitions writes no rollup and no older checkpoint; its state stays
+        undrained and goes out at the next interval once the lease is renewed."""
         async with publish_lock:
+            if not may_publish(lease, revoking=revoking):
+                if revoking:
+                    log.warning(
+                        "not checkpointing the revoked usage partitions: the membership "
+                        "lease had lapsed (this worker may no longer own them); their new "
+                        "owner refolds from the previous checkpoint",
+                        partitions=[s.partition for s in states],
+                    )
+                return
             drained = [(s, s.drain()) for s in states]
             acks = []
             for state, d in drained:
@@ -297,7 +308,7 @@ def register(app: faust.App, settings: Settings) -> None:
         if not states:
             return
         try:
-            await asyncio.wait_for(flush(states), timeout=settings.session_timeout_s)
+            await asyncio.wait_for(flush(states, revoking=True), timeout=settings.session_timeout_s)
         except Exception as exc:
             log.warning(
                 "could not checkpoint the revoked usage partitions; their new owner "
@@ -308,45 +319,22 @@ def register(app: faust.App, settings: Settings) -> None:
             )
 
     @app.task  # type: ignore[untyped-decorator,unused-ignore]
-    async def start_view() -> None:
-        view.start()
+    @sup.guard("usage server")  # cannot listen, or ended: the worker stops, loudly
+    async def run_usage_server() -> None:
+        service.start()
+        try:
+            await service.wait_failed()
+        finally:
+            service.stop()
 
-    history = History(settings)
 
-    @app.page("/usage")
-    class Usage(View):
-        async def get(self, request: Request) -> Response:
-            denied = check_bearer(request.headers.get("Authorization"), settings.api_token)
-            if denied is not None:
-                return self.json(denied.body, status=denied.status, headers=denied.headers)
-            try:
-                query = UsageQuery.parse(
-                    dict(request.query), limit_max=settings.usage_query_limit_max
-                )
-            except QueryError as exc:
-                return self.json({"error": str(exc)}, status=400)
-            if history.wanted(query.since_ms):  # beyond the live retention: PostgreSQL
-                try:
-                    rows = await history.answer(
-                        window=query.window,
-                        by=query.by,
-                        since_ms=query.since_ms,
-                        until_ms=query.until_ms,
-                        filters={d: getattr(query, d) or "" for d in DIMENSIONS},
-                        limit=query.limit,
-                    )
-                except ValueError as exc:
-                    return self.json({"error": str(exc)}, status=400)
-                if rows is not None:
-                    return self.json({"rows": rows, "next_cursor": None, "price_data": PRICE_DATA})
-            page = await view.ask(query)
-            if page is None:
-                return self.json(
-                    {"error": "the usage view is still reading the rollup topics; retry shortly"},
-                    status=503,
-                    headers={"Retry-After": "1"},
-                )
-            return self.bytes(page, content_type="application/json")
+def may_publish(lease: Any, *, revoking: bool = False) -> bool:
+    """Whether the usage publisher may write now: no lease (a bare app) or a valid one;
+    for the last checkpoint of revoked partitions, a lease that was valid when the
+    revocation came (the rebalance itself revokes it just before)."""
+    if lease is None or lease.valid():
+        return True
+    return revoking and bool(lease.held_at_revoke)
 
 
 async def _acknowledged(acks: list[Any], settings: Settings, what: str) -> None:

@@ -13,14 +13,13 @@
   are already summed over source partitions.
 * **A query costs O(rows in its range)**: the windows are kept sorted, a query bisects
   to ``since`` and walks forward until ``until`` or ``limit`` rows; never the history.
-* **Off the stitching path**: in the worker, :class:`ViewRunner` runs the rollup
-  consumer and the folding in a thread with its own event loop; queries take a
-  ``threading.Lock`` for the time of one page.
+* **Off the stitching path**: in the worker, ``processor.usage._serve`` runs the rollup
+  consumer, the folding and ``GET /usage`` on an event loop of their own (a child
+  process by default); queries take a ``threading.Lock`` for the time of one page.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import bisect
 import json
@@ -45,7 +44,6 @@ __all__ = [
     "QueryError",
     "UsageQuery",
     "UsageView",
-    "ViewRunner",
     "load_view",
     "query_rollups",
     "window_label",
@@ -471,129 +469,3 @@ async def query_rollups(settings: Settings, params: Mapping[str, Any]) -> dict[s
     query = UsageQuery.parse(params, limit_max=settings.usage_query_limit_max)
     view = await load_view(settings)
     return view.query(query)
-
-
-class ViewRunner:
-    """The worker's read model: a daemon thread with its own event loop that consumes the
-    rollup topics from the beginning (they are bounded by their retention) and keeps a
-    :class:`UsageView` up to date. Queries read the view under its lock from any thread."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.view = view_for(settings)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="usage-view", daemon=True)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.error: str | None = None
-
-    def start(self) -> ViewRunner:
-        self._thread.start()
-        return self
-
-    async def ask(self, query: UsageQuery) -> bytes | None:
-        """Answer ``query`` in the view's own thread, JSON-encoded there too (the caller's
-        loop only awaits the bytes); None if the view is still catching up after
-        ``usage_view_wait_s``."""
-        waited = 0.0
-        while self._loop is None or not self.view.caught_up:
-            if waited >= self.settings.usage_view_wait_s:
-                return None
-            await asyncio.sleep(0.05)
-            waited += 0.05
-        loop = self._loop
-
-        async def answer() -> bytes:
-            return json.dumps(self.view.query(query), separators=(",", ":")).encode()
-
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(answer(), loop))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        backoff = 0.5
-        while not self._stop.is_set():
-            try:
-                asyncio.run(self._consume())
-                return
-            except Exception as exc:  # the view must never take the worker down
-                self.error = f"{type(exc).__name__}: {exc}"
-                log.error(
-                    "usage view: reading the rollup topics failed; retrying",
-                    error=self.error,
-                    retry_in_s=backoff,
-                )
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
-                self.view = view_for(self.settings)  # start over: answers 503 until caught up
-
-    async def _seek_to_period(self, consumer: Any, parts: list[Any]) -> None:
-        """Start each rollup partition at the first record written within the period the
-        view keeps (plus a margin for windows still open when they were written), so
-        that a restart reads what the view holds, not the topic's whole retention."""
-        now = int(time.time() * 1000)
-        since = {}
-        for tp in parts:
-            keep = (
-                self.view.minute_keep_ms
-                if tp.topic == self.settings.topic_rollups
-                else self.view.hour_keep_ms
-            )
-            since[tp] = max(now - keep - min(keep, HOUR_MS), 0)
-        found = await consumer.offsets_for_times(since)
-        ends = await consumer.end_offsets(parts)
-        for tp in parts:
-            hit = found.get(tp)
-            if hit is None or hit.timestamp < 0:
-                # no record that new (the embedded broker says offset 0, timestamp -1)
-                consumer.seek(tp, ends[tp])
-            else:
-                consumer.seek(tp, hit.offset)
-
-    async def _consume(self) -> None:
-        from aiokafka import AIOKafkaConsumer
-
-        self._loop = asyncio.get_running_loop()
-        consumer: AIOKafkaConsumer = AIOKafkaConsumer(
-            **self.settings.kafka_kwargs(),
-            enable_auto_commit=False,
-            group_id=None,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=200,
-        )
-        await consumer.start()
-        try:
-            parts = _partitions(self.settings)
-            consumer.assign(parts)
-            view = self.view
-            await self._seek_to_period(consumer, parts)
-            targets: dict[Any, int] = {}
-            began = time.monotonic()
-            while not self._stop.is_set():
-                batch = await consumer.getmany(timeout_ms=500, max_records=2000)
-                for records in batch.values():
-                    for i in range(0, len(records), 100):
-                        view.apply_records((r.key, r.value) for r in records[i : i + 100])
-                        await asyncio.sleep(0)  # let queries in between
-                if not view.caught_up:
-                    done = True
-                    for tp in parts:
-                        highwater = consumer.highwater(tp)
-                        if highwater is None:
-                            done = False
-                            continue
-                        target = targets.setdefault(tp, highwater)
-                        if await consumer.position(tp) < target:
-                            done = False
-                    if done:
-                        view.caught_up = True
-                        log.info(
-                            "usage view caught up",
-                            records=view.records,
-                            rows=view.size,
-                            seconds=round(time.monotonic() - began, 2),
-                        )
-        finally:
-            self._loop = None
-            await consumer.stop()

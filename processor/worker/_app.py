@@ -110,6 +110,7 @@ def create_app(settings: Settings) -> faust.App:
         _faust.ack_offsets(app.consumer, tps[partition], offsets)
 
     tps: dict[int, Any] = _TPs(settings.topic_chunks)
+    app.lease = lease  # type: ignore[attr-defined]  # the usage publisher is gated on it too
     stitcher = Stitcher(settings, send, time.monotonic, worker_id, acker=ack, lease=lease)
     stitcher.on_failure = lambda exc: _stop_worker(app, exc, stitcher.failure_what)
     app.stitcher = stitcher  # type: ignore[attr-defined]

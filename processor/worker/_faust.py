@@ -301,6 +301,9 @@ class MembershipLease:
         self.renewals = 0
         self.lost_at: float | None = clock()
         """When the lease last lapsed (``None`` while valid)."""
+        self.held_at_revoke = False
+        """Whether the lease was valid when the last :meth:`revoke` came: a revocation
+        handler may still write what the member owned up to then (a last checkpoint)."""
 
     def renew(self, sent_at: float) -> None:
         until = sent_at + self.length_s
@@ -310,6 +313,7 @@ class MembershipLease:
 
     def revoke(self) -> None:
         """A rebalance began or the member was fenced: no lease until renewed."""
+        self.held_at_revoke = self.valid()
         self.until = 0.0
 
     def valid(self, now: float | None = None) -> bool:

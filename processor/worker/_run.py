@@ -25,12 +25,19 @@ EXIT_CONFIG = 2
 log = get_logger("chunkstitch.worker")
 
 
-def _web_problem(settings: Settings) -> str | None:
-    """Why the web server could not listen on ``web_host:web_port``, or None."""
-    where = f"{settings.web_host}:{settings.web_port}"
+def _web_problem(settings: Settings, port: int | None = None, *, usage: bool = False) -> str | None:
+    """Why a web server could not listen on ``web_host:port`` (the worker's web port, or
+    with ``usage`` the ``/usage`` port), or None."""
+    port = settings.web_port if port is None else port
+    what, flag = (
+        ("usage port", "--usage-port N or CHUNKSTITCH_USAGE_PORT=N")
+        if usage
+        else ("web port", "--web-port N or CHUNKSTITCH_WEB_PORT=N")
+    )
+    where = f"{settings.web_host}:{port}"
     try:
         infos = socket.getaddrinfo(
-            settings.web_host, settings.web_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            settings.web_host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except socket.gaierror:
         return (
@@ -45,13 +52,12 @@ def _web_problem(settings: Settings) -> str | None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 return (
-                    f"web port {settings.web_port} on {settings.web_host} is already in use "
-                    "(another worker?); pick a free one with --web-port N or "
-                    "CHUNKSTITCH_WEB_PORT=N"
+                    f"{what} {port} on {settings.web_host} is already in use "
+                    f"(another worker?); pick a free one with {flag}"
                 )
             return (
                 f"cannot listen on {where} ({exc.strerror}); pick another address or port "
-                "with CHUNKSTITCH_WEB_HOST / --web-port N (CHUNKSTITCH_WEB_PORT)"
+                f"with CHUNKSTITCH_WEB_HOST / {flag}"
             )
     return None
 
@@ -61,6 +67,13 @@ def preflight(settings: Settings) -> str | None:
     from processor.kafka import probe_broker
 
     problem = _web_problem(settings)
+    if problem is None and settings.usage_enabled:
+        if settings.usage_port == settings.web_port:
+            return (
+                f"CHUNKSTITCH_USAGE_PORT is the web port ({settings.web_port}); /usage has a "
+                "server of its own: give it another port"
+            )
+        problem = _web_problem(settings, settings.usage_port, usage=True)
     if problem:
         return problem
     unreachable = asyncio.run(probe_broker(settings))
@@ -87,6 +100,9 @@ def _announce_ready(app: Any, settings: Settings) -> None:
             ),
             topic=settings.topic_chunks,
             web=f"http://{settings.web_host}:{settings.web_port}",
+            usage=f"http://{settings.web_host}:{settings.usage_port}/usage"
+            if settings.usage_enabled
+            else None,
             broker=settings.broker,
         )
 

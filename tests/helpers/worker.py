@@ -59,10 +59,15 @@ class WorkerProcess:
     settings: Settings
     log_path: Path
     web_port: int = field(default_factory=free_port)
+    usage_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self, ready_timeout_s: float = 45.0) -> WorkerProcess:
-        env = env_for(self.settings, CHUNKSTITCH_WEB_PORT=str(self.web_port))
+        env = env_for(
+            self.settings,
+            CHUNKSTITCH_WEB_PORT=str(self.web_port),
+            CHUNKSTITCH_USAGE_PORT=str(self.usage_port),
+        )
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "processor", "worker"], env=env, stdout=log, stderr=log
@@ -73,7 +78,7 @@ class WorkerProcess:
                 raise RuntimeError(
                     f"worker exited with {self.proc.returncode}; see {self.log_path}"
                 )
-            if self.ready():
+            if self.ready() and (not self.settings.usage_enabled or self._usage_listening()):
                 return self
             time.sleep(0.2)
         raise TimeoutError(f"worker not ready within {ready_timeout_s}s; see {self.log_path}")
@@ -85,8 +90,20 @@ class WorkerProcess:
         except Exception:
             return False
 
+    def _usage_listening(self) -> bool:
+        """The /usage server (a child process of the worker) accepts connections."""
+        import socket
+
+        try:
+            socket.create_connection(("127.0.0.1", self.usage_port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
     def get(self, path: str) -> bytes:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}{path}", timeout=3) as r:
+        """GET ``path`` from the worker's web port, ``/usage`` from its usage port."""
+        port = self.usage_port if path.startswith("/usage") else self.web_port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as r:
             data: bytes = r.read()
             return data
 

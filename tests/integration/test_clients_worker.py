@@ -54,6 +54,7 @@ def worker_env(broker: str, tmp_path: Path) -> Iterator[dict[str, str]]:
         "CHUNKSTITCH_TOPIC_DEADLETTER": f"w-dead-{tag}",
         "CHUNKSTITCH_PARTITIONS": "3",
         "CHUNKSTITCH_WEB_PORT": str(_free_port()),
+        "CHUNKSTITCH_USAGE_PORT": str(_free_port()),
         "CHUNKSTITCH_DATA_DIR": str(tmp_path / "data"),
         "CHUNKSTITCH_SESSION_TIMEOUT_S": "3",
         "CHUNKSTITCH_USAGE_GRACE_S": "0.5",

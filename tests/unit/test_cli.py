@@ -90,7 +90,10 @@ def runs() -> Iterator[dict[str, Run]]:
     jobs["setting:partitions:demo"] = (COMMANDS["demo"], {"CHUNKSTITCH_PARTITIONS": "abc"})
     for cmd in UNREACHABLE:
         jobs[f"closed:{cmd}"] = (COMMANDS[cmd], {})
-    jobs["closed:worker"] = (["worker", "--web-port", str(free_port())], {})
+    jobs["closed:worker"] = (
+        ["worker", "--web-port", str(free_port()), "--usage-port", str(free_port())],
+        {},
+    )
     jobs["unknown-host:publish"] = (
         COMMANDS["publish"],
         {"CHUNKSTITCH_BROKER": "nohost.invalid:9092"},
@@ -181,6 +184,18 @@ def test_the_worker_with_its_web_port_taken_names_the_flag() -> None:
     assert f"web port {port} on 127.0.0.1 is already in use" in line
     assert "--web-port" in line
     assert "CHUNKSTITCH_WEB_PORT" in line
+
+
+def test_the_worker_with_its_usage_port_taken_names_the_setting() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"CHUNKSTITCH_WEB_PORT": str(free_port()), "CHUNKSTITCH_USAGE_PORT": str(port)}
+        line = one_error_line(run("worker", env=env))
+    assert f"usage port {port} on 127.0.0.1 is already in use" in line
+    assert "--usage-port" in line
+    assert "CHUNKSTITCH_USAGE_PORT" in line
 
 
 @pytest.mark.parametrize(

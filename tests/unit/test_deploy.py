@@ -273,10 +273,15 @@ def test_production_overlay_lets_only_monitoring_and_usage_readers_in() -> None:
     assert readers["from"][0]["podSelector"]["matchLabels"] == {
         "chunkstitch.io/usage-reader": "true"
     }
-    assert [p["port"] for p in readers["ports"]] == [6066]
+    assert [p["port"] for p in readers["ports"]] == [6068]  # /usage's own port only
     for deployment in (d for d in docs if d["kind"] == "Deployment"):
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == "chunkstitch"  # covered by the policy
+    worker = next(
+        d for d in docs if d["kind"] == "Deployment" and "worker" in d["metadata"]["name"]
+    )
+    ports = worker["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert {p["name"]: p["containerPort"] for p in ports} == {"web": 6066, "usage": 6068}
 
 
 def test_usage_history_dashboard_reads_the_postgres_views() -> None:
