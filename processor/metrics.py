@@ -74,7 +74,8 @@ OVERSIZE_RESPONSES = Counter(
 # Input robustness (issue 12): headers outside their plausible range.
 HEADERS_IGNORED = Counter(
     "chunkstitch_headers_ignored",
-    "Records whose chunkstitch header was ignored as implausible, by header "
+    "Records (cs-started-at) or completions (cs-user, cs-attr-*: not valid, or not in "
+    "CHUNKSTITCH_USAGE_ATTRIBUTES) whose chunkstitch header was ignored, by header "
     "(cs-started-at before 2000 or more than a day ahead of the record's timestamp).",
     ["header"],
     registry=REGISTRY,
