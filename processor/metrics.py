@@ -29,9 +29,11 @@ __all__ = [
     "REPLAY_SKIPPED",
     "TOKENS",
     "TTFC",
+    "USAGE_CAPPED",
     "USAGE_CHECKPOINTS",
     "USAGE_COMPLETIONS",
     "USAGE_DEDUP_IDS",
+    "USAGE_DIMENSION_TOKENS",
     "USAGE_LATE",
     "USAGE_OPEN_BUCKETS",
     "USAGE_RECOVERY",
@@ -74,7 +76,8 @@ OVERSIZE_RESPONSES = Counter(
 # Input robustness (issue 12): headers outside their plausible range.
 HEADERS_IGNORED = Counter(
     "chunkstitch_headers_ignored",
-    "Records whose chunkstitch header was ignored as implausible, by header "
+    "Records (cs-started-at) or completions (cs-user, cs-attr-*: not valid, or not in "
+    "CHUNKSTITCH_USAGE_ATTRIBUTES) whose chunkstitch header was ignored, by header "
     "(cs-started-at before 2000 or more than a day ahead of the record's timestamp).",
     ["header"],
     registry=REGISTRY,
@@ -135,6 +138,22 @@ USAGE_DEDUP_IDS = Gauge(
 )
 
 
+USAGE_CAPPED = Counter(
+    "chunkstitch_usage_capped",
+    "Completions whose user or attribute value was counted as 'other': scope 'rollups' "
+    "beyond the per-partition-and-hour cap (CHUNKSTITCH_USAGE_MAX_USERS, "
+    "CHUNKSTITCH_USAGE_MAX_ATTRIBUTE_VALUES or name:cap), 'metrics' beyond the same cap of "
+    "distinct label values per process.",
+    ["dimension", "scope"],
+    registry=REGISTRY,
+)
+USAGE_DIMENSION_TOKENS = Counter(
+    "chunkstitch_usage_dimension_tokens",
+    "Tokens of finished responses by one usage dimension (dimension 'user' or "
+    "'attr.<name>', its value; 'other' beyond the cap) and kind (prompt/completion).",
+    ["dimension", "value", "kind"],
+    registry=REGISTRY,
+)
 COST = Counter(
     "chunkstitch_cost_usd",
     "Cost of finished responses in USD by tenant, model, provider and kind: 'reported' by "

@@ -161,6 +161,23 @@ class Settings(BaseSettings):
     )
     rollup_late_grace_s: float = Field(default=300.0, ge=0)
     metrics_label_cap: int = Field(default=200, ge=1)
+    usage_attributes: str = Field(
+        default="",
+        description="Allowlist of cs-attr-<name> headers carried into the responses and the "
+        "rollups as dimensions, comma separated; 'name:cap' sets that attribute's cap "
+        "(e.g. 'api_key,feature,env:20'). Others are dropped (counted).",
+    )
+    usage_max_users: int = Field(
+        default=1000,
+        ge=1,
+        description="Distinct users per source partition and hour in the rollups (and per "
+        "process in the Prometheus labels); more are counted as user 'other'.",
+    )
+    usage_max_attribute_values: int = Field(
+        default=1000,
+        ge=1,
+        description="The same cap for each attribute (unless 'name:cap' in usage_attributes).",
+    )
     # bounded usage state, checkpoints, retention and the read model (bounded-state issue)
     topic_rollups_hourly: str = Field(
         default="", description="1-hour rollups; empty: '<topic_rollups>-1h'."
@@ -225,6 +242,32 @@ class Settings(BaseSettings):
     retention_rollups_hourly_s: float = Field(default=35 * 86400.0, gt=0)
     retention_deadletter_s: float = Field(default=14 * 86400.0, gt=0)
     retention_ledger_s: float = Field(default=86400.0, gt=0)
+
+    @field_validator("usage_attributes")
+    @classmethod
+    def _check_usage_attributes(cls, value: str) -> str:
+        from topics._headers import check_attribute_name
+
+        for entry in (e.strip() for e in value.split(",")):
+            if not entry:
+                continue
+            name, _, cap = entry.partition(":")
+            problem = check_attribute_name(name.strip())
+            if problem:
+                raise ValueError(f"{problem} (in {entry!r})")
+            if cap and (not cap.strip().isdigit() or int(cap) < 1):
+                raise ValueError(f"{entry!r}: the cap after ':' must be a positive integer")
+        return value
+
+    @property
+    def usage_attribute_caps(self) -> dict[str, int]:
+        """The attribute allowlist: name -> cap of distinct values (see usage_attributes)."""
+        caps: dict[str, int] = {}
+        for entry in (e.strip() for e in self.usage_attributes.split(",")):
+            if entry:
+                name, _, cap = entry.partition(":")
+                caps[name.strip()] = int(cap) if cap.strip() else self.usage_max_attribute_values
+        return caps
 
     @property
     def rollups_hourly_topic(self) -> str:

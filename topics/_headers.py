@@ -12,11 +12,14 @@ it ended: ``done`` when the gateway saw ``[DONE]``, ``closed`` when the upstream
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 __all__ = [
+    "ATTRIBUTE_NAME_MAX",
+    "HEADER_ATTR_PREFIX",
     "HEADER_END",
     "HEADER_END_REASON",
     "HEADER_PROVIDER",
@@ -24,13 +27,17 @@ __all__ = [
     "HEADER_SEQ",
     "HEADER_STARTED_AT",
     "HEADER_TENANT",
+    "HEADER_USER",
     "KEY_MAX_BYTES",
+    "LABEL_MAX_BYTES",
     "STARTED_AT_EARLIEST_MS",
     "STARTED_AT_LATEST_MS",
     "STARTED_AT_MAX_AHEAD_MS",
     "EndReason",
     "HeaderError",
     "RecordMeta",
+    "check_attribute_name",
+    "check_label",
     "decode_headers",
     "encode_headers",
     "plausible_started_at",
@@ -47,6 +54,16 @@ HEADER_PROVIDER = "cs-provider"
 HEADER_STARTED_AT = "cs-started-at"
 """When the gateway received the request: Unix epoch milliseconds (ASCII decimal).
 Range-checked by :func:`plausible_started_at`; an implausible value is ignored."""
+HEADER_USER = "cs-user"
+"""The end user the request was made for (a usage dimension). See :func:`check_label`."""
+HEADER_ATTR_PREFIX = "cs-attr-"
+"""``cs-attr-<name>``: a publisher-set attribute (api key name, feature, environment, ...).
+The worker carries only the names in ``CHUNKSTITCH_USAGE_ATTRIBUTES`` into the response
+and the rollups. Names: :func:`check_attribute_name`; values: :func:`check_label`."""
+LABEL_MAX_BYTES = 256
+"""Longest ``cs-user`` / ``cs-attr-*`` value (UTF-8 bytes)."""
+ATTRIBUTE_NAME_MAX = 32
+_ATTRIBUTE_NAME = re.compile(r"[a-z][a-z0-9_]*")
 HEADER_REROUTED = "cs-rerouted"
 """Set by the worker when it re-keys a bare (keyless) record: ``topic/partition/offset``."""
 
@@ -71,6 +88,12 @@ class RecordMeta:
     provider: str | None = None
     started_at_ms: int | None = None
     rerouted_from: str | None = None
+    user: str | None = None
+    attributes: tuple[tuple[str, str], ...] = ()
+    """``cs-attr-<name>`` headers: (name, value), sorted by name, every one valid."""
+    ignored: tuple[tuple[str, str], ...] = ()
+    """``cs-user`` / ``cs-attr-*`` headers that were not valid: (header, problem). The
+    worker ignores them (counted and logged), the record itself is fine."""
 
     @property
     def is_end_marker(self) -> bool:
@@ -94,6 +117,36 @@ def _text(name: str, raw: bytes) -> str:
         raise HeaderError(f"header {name!r} is not valid UTF-8") from None
 
 
+def check_attribute_name(name: str) -> str | None:
+    """What is wrong with an attribute name (None: it is fine): lowercase ASCII letters,
+    digits and ``_``, starting with a letter, at most :data:`ATTRIBUTE_NAME_MAX` long."""
+    if not name or len(name) > ATTRIBUTE_NAME_MAX or not _ATTRIBUTE_NAME.fullmatch(name):
+        return (
+            f"attribute name {name[:40]!r} must be 1-{ATTRIBUTE_NAME_MAX} lowercase letters, "
+            "digits or '_', starting with a letter"
+        )
+    return None
+
+
+def check_label(what: str, value: str) -> str | None:
+    """What is wrong with a ``cs-user`` / ``cs-attr-*`` value (None: it is fine): printable
+    text (no control characters), at most :data:`LABEL_MAX_BYTES` UTF-8 bytes."""
+    if len(value.encode("utf-8", "surrogatepass")) > LABEL_MAX_BYTES:
+        return f"{what} is longer than {LABEL_MAX_BYTES} bytes: {value[:40]!r}..."
+    if not value.isprintable():
+        return f"{what} must be printable text (no control characters), got {value[:40]!r}"
+    return None
+
+
+def _label(name: str, raw: bytes) -> tuple[str | None, str | None]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, f"header {name!r} is not valid UTF-8"
+    problem = check_label(f"header {name!r}", text)
+    return (None, problem) if problem else (text or None, None)
+
+
 def decode_headers(headers: Iterable[tuple[str, bytes | None]] | None) -> RecordMeta:
     """Decode the chunkstitch headers of a record; unknown headers are ignored.
 
@@ -101,7 +154,9 @@ def decode_headers(headers: Iterable[tuple[str, bytes | None]] | None) -> Record
     """
     seq = end_count = started = None
     end_reason: EndReason | None = None
-    tenant = provider = rerouted = None
+    tenant = provider = rerouted = user = None
+    attrs: dict[str, str] | None = None
+    ignored: list[tuple[str, str]] | None = None
     for name, raw in headers or ():
         if raw is None or not name.startswith("cs-"):
             continue
@@ -124,7 +179,31 @@ def decode_headers(headers: Iterable[tuple[str, bytes | None]] | None) -> Record
             started = _int(name, raw)
         elif name == HEADER_REROUTED:
             rerouted = _text(name, raw)
-    return RecordMeta(seq, end_count, end_reason, tenant, provider, started, rerouted)
+        elif name == HEADER_USER or name.startswith(HEADER_ATTR_PREFIX):
+            # Labels, not structure: a bad one is ignored (never the record's content).
+            value, problem = _label(name, raw)
+            if problem is None and name != HEADER_USER:
+                problem = check_attribute_name(name[len(HEADER_ATTR_PREFIX) :])
+            if problem is not None:
+                ignored = ignored or []
+                ignored.append((name, problem))
+            elif name == HEADER_USER:
+                user = value
+            elif value is not None:
+                attrs = attrs or {}
+                attrs[name[len(HEADER_ATTR_PREFIX) :]] = value
+    return RecordMeta(
+        seq,
+        end_count,
+        end_reason,
+        tenant,
+        provider,
+        started,
+        rerouted,
+        user,
+        tuple(sorted(attrs.items())) if attrs else (),
+        tuple(ignored) if ignored else (),
+    )
 
 
 def encode_headers(meta: RecordMeta) -> list[tuple[str, bytes]]:
@@ -144,6 +223,11 @@ def encode_headers(meta: RecordMeta) -> list[tuple[str, bytes]]:
         out.append((HEADER_STARTED_AT, str(meta.started_at_ms).encode()))
     if meta.rerouted_from is not None:
         out.append((HEADER_REROUTED, meta.rerouted_from.encode()))
+    if meta.user:
+        out.append((HEADER_USER, meta.user.encode()))
+    for name, value in meta.attributes:
+        if value:
+            out.append((HEADER_ATTR_PREFIX + name, value.encode()))
     return out
 
 

@@ -141,6 +141,13 @@ class ChunkstitchMeta(BaseModel):
     """USD estimated where the provider reported none; None when the model is unknown."""
     price_data: str | None = _omit_none()
     """The price data the estimate comes from, e.g. ``genai-prices 0.2.3``."""
+    # Usage dimensions (issue 16), from the publisher's headers:
+    user: str | None = _omit_none()
+    """The end user (``cs-user``)."""
+    attributes: dict[str, str] | None = _omit_none()
+    """The ``cs-attr-<name>`` headers whose names are in the worker's
+    ``CHUNKSTITCH_USAGE_ATTRIBUTES`` allowlist (only those: the usage fold counts exactly
+    what the response carries, so changing the allowlist never re-buckets a replay)."""
 
 
 class ChatCompletion(_Out):

@@ -8,15 +8,30 @@ depend on order.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 __all__ = [
     "LATENCY_BUCKETS_MS",
+    "OTHER",
+    "UNKNOWN",
     "UsageCheckpoint",
     "UsageKey",
     "UsageRollup",
     "UsageTotals",
+    "dimension_value",
 ]
+
+OTHER = "other"
+"""The value a dimension gets beyond its cardinality cap."""
+UNKNOWN = "unknown"
+"""The value of a dimension the completion did not have."""
+
+
+def _esc(value: str) -> str:
+    return value.replace("%", "%25").replace("|", "%7C")
+
 
 LATENCY_BUCKETS_MS: tuple[int, ...] = (
     10,
@@ -49,15 +64,37 @@ class UsageKey(BaseModel):
     status: str
     late: bool = False
     """Counted after the window's late-data grace had passed (kept apart, never dropped)."""
+    user: str = UNKNOWN
+    """The end user (``cs-user``); ``other`` beyond the cap (absent in older records)."""
+    attributes: tuple[tuple[str, str], ...] = ()
+    """The allowlisted ``cs-attr-*`` attributes, sorted by name (on the wire: an object);
+    a missing one is absent (it reads as ``unknown``), ``other`` beyond the cap."""
+
+    @field_validator("attributes", mode="before")
+    @classmethod
+    def _attributes_in(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return tuple(sorted((str(k), str(v)) for k, v in value.items()))
+        if isinstance(value, list | tuple):
+            return tuple(sorted(tuple(pair) for pair in value))
+        return value
+
+    @field_serializer("attributes")
+    def _attributes_out(self, value: tuple[tuple[str, str], ...]) -> dict[str, str]:
+        return dict(value)
 
     def record_key(
         self, source_partition: int | None = None, source_offset: int | None = None
     ) -> str:
-        """``window_start|window_ms|tenant|model|provider|status|late[|partition[|offset]]``.
+        """``window_start|window_ms|tenant|model|provider|status|late[|u=user][|a.name=value
+        ...][|partition[|offset]]``.
 
         A late increment (a completion counted after its window closed) carries the
         source offset of that completion: its own key, never overwriting the window's
-        final total nor another late increment."""
+        final total nor another late increment. The user and attribute segments are
+        there only when the bucket has them, so a bucket without them keeps the key it
+        always had; their values are escaped (``%`` and ``|``) and prefixed (``u=``,
+        ``a.<name>=``), so they cannot be mistaken for each other or for the partition."""
         parts = [
             str(self.window_start_ms),
             str(self.window_ms),
@@ -67,6 +104,9 @@ class UsageKey(BaseModel):
             self.status,
             "late" if self.late else "on-time",
         ]
+        if self.user != UNKNOWN:
+            parts.append("u=" + _esc(self.user))
+        parts += [f"a.{name}={_esc(value)}" for name, value in self.attributes]
         if source_partition is not None:
             parts.append(str(source_partition))
             if source_offset is not None:
@@ -154,3 +194,14 @@ class UsageCheckpoint(BaseModel):
     counted: int = 0
     invalid: int = 0
     late: int = 0
+    capped: dict[str, int] = Field(default_factory=dict)
+    """Completions counted as ``other`` per dimension (``user``, ``attr.<name>``)."""
+
+
+def dimension_value(key: UsageKey, dimension: str) -> str:
+    """A bucket's value of one dimension: tenant, model, provider, status, user or
+    ``attr.<name>`` (``unknown`` when the bucket has no such attribute)."""
+    if dimension.startswith("attr."):
+        return dict(key.attributes).get(dimension[5:], UNKNOWN)
+    value: str = getattr(key, dimension)
+    return value

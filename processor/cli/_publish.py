@@ -31,6 +31,18 @@ def publish(
     provider: Annotated[
         str | None, typer.Option(metavar="PROVIDER", help="Provider header of every stream.")
     ] = None,
+    user: Annotated[
+        str | None,
+        typer.Option(metavar="USER", help="End-user header (cs-user) of every stream."),
+    ] = None,
+    attr: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME=VALUE",
+            help="An attribute header (cs-attr-NAME) of every stream; repeatable. The worker "
+            "keeps the names in CHUNKSTITCH_USAGE_ATTRIBUTES.",
+        ),
+    ] = None,
     keep_ids: Annotated[
         bool,
         typer.Option(
@@ -65,6 +77,7 @@ def publish(
     from processor.logs import configure_logging
 
     settings = load_settings(broker=broker, topic_chunks=topic)
+    labels = _labels(user, attr or [])
     if source == "-" and sys.stdin.isatty():
         fail(
             "publish reads a chunk capture (JSON Lines or SSE): pass a FILE, or pipe one "
@@ -76,7 +89,15 @@ def publish(
     suffix = None if keep_ids else "-r" + secrets.token_hex(3)
     with broker_errors(), stream:
         chunks, streams, bad = asyncio.run(
-            _run(settings, stream, total, tenant=tenant, provider=provider, suffix=suffix)
+            _run(
+                settings,
+                stream,
+                total,
+                tenant=tenant,
+                provider=provider,
+                suffix=suffix,
+                **labels,
+            )
         )
     typer.echo(
         f"sent {chunks} chunk(s) in {streams} stream(s) to topic "
@@ -88,6 +109,26 @@ def publish(
         raise typer.Exit(1)
 
 
+def _labels(user: str | None, attrs: list[str]) -> dict[str, Any]:
+    """``--user`` and ``--attr NAME=VALUE`` checked as the publisher checks them (a bad
+    one ends the command with a one-line error before anything is published)."""
+    from processor.clients._publisher import stream_headers
+
+    attributes: dict[str, str] = {}
+    for item in attrs:
+        name, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--attr {item!r}: use NAME=VALUE, e.g. --attr feature=search")
+        attributes[name.strip()] = value
+    try:
+        stream_headers(
+            tenant=None, provider=None, request_started_at=None, user=user, attributes=attributes
+        )
+    except ValueError as exc:
+        fail(f"--user/--attr: {exc}")
+    return {"user": user, "attributes": attributes or None}
+
+
 async def _run(
     settings: Any,
     stream: BinaryIO,
@@ -96,6 +137,8 @@ async def _run(
     tenant: str | None,
     provider: str | None,
     suffix: str | None = None,
+    user: str | None = None,
+    attributes: dict[str, str] | None = None,
 ) -> tuple[int, int, int]:
     import time
 
@@ -146,6 +189,8 @@ async def _run(
                         provider=provider,
                         request_started_at=started,
                         completion_id=cid + (suffix or ""),
+                        user=user,
+                        attributes=attributes,
                     )
                     for early in held:
                         await handle.send(early)
@@ -169,7 +214,9 @@ async def _run(
                 progress.update(task, advance=len(block), chunks=publisher.stats.chunks)
             await take(decoder.flush())
         if held:  # id-less chunks after the last completion started: they belong to it
-            target = last or publisher.stream(tenant=tenant, provider=provider)
+            target = last or publisher.stream(
+                tenant=tenant, provider=provider, user=user, attributes=attributes
+            )
             for value in held:
                 await target.send(value)
             if last is None:

@@ -25,7 +25,7 @@ from processor.cli._common import (
 __all__ = ["usage"]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DIMENSIONS = ("tenant", "model", "provider", "status")
+_DIMENSIONS = ("tenant", "model", "provider", "status", "user")
 _WINDOWS = ("1m", "1h", "1d")
 _STATUSES = ("complete", "incomplete", "error")
 
@@ -80,11 +80,30 @@ def latency_bound(buckets: list[int] | tuple[int, ...], q: float) -> str:
 
 
 def _dims(by: str) -> list[str]:
+    from topics._headers import check_attribute_name
+
     dims = [d.strip() for d in by.split(",") if d.strip()]
-    unknown = [d for d in dims if d not in _DIMENSIONS]
+    unknown = [
+        d
+        for d in dims
+        if d not in _DIMENSIONS and not (d.startswith("attr.") and not check_attribute_name(d[5:]))
+    ]
     if unknown or not dims:
-        fail(f"--by {by!r}: group by one or more of {','.join(_DIMENSIONS)} (comma separated)")
-    return dims
+        fail(
+            f"--by {by!r}: group by one or more of {','.join(_DIMENSIONS)},attr.NAME "
+            "(comma separated)"
+        )
+    return [d for d in _DIMENSIONS if d in dims] + sorted({d for d in dims if d[:5] == "attr."})
+
+
+def _attr_filters(attrs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in attrs:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            fail(f"--attr {item!r}: use NAME=VALUE, e.g. --attr feature=search")
+        out["attr." + name.strip()] = value
+    return out
 
 
 @app.command()
@@ -103,13 +122,21 @@ def usage(
     ] = None,
     by: Annotated[
         str,
-        typer.Option(metavar="DIMS", help="Group by these of tenant,model,provider,status."),
+        typer.Option(
+            metavar="DIMS",
+            help="Group by these of tenant,model,provider,status,user,attr.NAME.",
+        ),
     ] = "tenant,model,provider",
     window: Annotated[str, typer.Option(metavar="SIZE", help="Window size: 1m, 1h or 1d.")] = "1h",
     tenant: Annotated[str | None, typer.Option(metavar="TENANT", help="Only this tenant.")] = None,
     status: Annotated[
         str | None,
         typer.Option(metavar="STATUS", help="Only this status: complete, incomplete or error."),
+    ] = None,
+    user: Annotated[str | None, typer.Option(metavar="USER", help="Only this user.")] = None,
+    attr: Annotated[
+        list[str] | None,
+        typer.Option(metavar="NAME=VALUE", help="Only this attribute value; repeatable."),
     ] = None,
     limit: Annotated[int, typer.Option(metavar="N", help="At most N rows.")] = 10_000,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
@@ -132,6 +159,7 @@ def usage(
     if since_ms is not None and until_ms is not None and since_ms >= until_ms:
         fail(f"--since {since!r} is not before --until {until!r}")
     dims = _dims(by)
+    attr_filters = _attr_filters(attr or [])
     if window not in _WINDOWS:
         fail(f"--window {window!r}: use 1m, 1h or 1d")
     if status is not None and status not in _STATUSES:
@@ -143,7 +171,12 @@ def usage(
         "by": dims,
         "since_ms": since_ms,
         "until_ms": until_ms,
-        "filters": {"tenant": tenant or "", "status": status or ""},
+        "filters": {
+            "tenant": tenant or "",
+            "status": status or "",
+            "user": user or "",
+            **attr_filters,
+        },
         "limit": limit,
     }
     try:  # a range beyond the live retention, with a DSN: from PostgreSQL
@@ -160,7 +193,9 @@ def usage(
             "by": ",".join(dims),
             "tenant": tenant,
             "status": status,
+            "user": user,
             "limit": limit,
+            **attr_filters,
         }
         try:
             with broker_errors():
@@ -186,7 +221,7 @@ def _table(rows: list[dict[str, Any]], dims: list[str], window: str, topic: str)
 
     cols = [
         Col("window (UTC)"),
-        *(Col(d) for d in _DIMENSIONS if d in dims),
+        *(Col(d) for d in dims),
         Col("requests", justify="right"),
         Col("no usage", justify="right", drop=1),
         Col("prompt", justify="right"),
@@ -202,7 +237,12 @@ def _table(rows: list[dict[str, Any]], dims: list[str], window: str, topic: str)
         out.append(
             [
                 iso_utc(key["window_start_ms"]) + (" late" if key["late"] else ""),
-                *(str(key[d]) for d in _DIMENSIONS if d in dims),
+                *(
+                    str(key["attributes"].get(d[5:], "unknown"))
+                    if d.startswith("attr.")
+                    else str(key[d])
+                    for d in dims
+                ),
                 str(t["requests"]),
                 str(t["without_usage"]),
                 f"{t['prompt_tokens']:,}",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -30,10 +30,15 @@ from topics._headers import (
     HEADER_SEQ,
     EndReason,
     RecordMeta,
+    check_attribute_name,
+    check_label,
     encode_headers,
 )
 
-__all__ = ["ErrorCallback", "Publisher", "PublisherStats", "StreamHandle"]
+__all__ = ["ErrorCallback", "Publisher", "PublisherStats", "StreamHandle", "stream_headers"]
+
+ATTRIBUTES_MAX = 16
+"""Most ``cs-attr-*`` headers on one stream (they ride on every chunk record)."""
 
 log = get_logger(__name__)
 
@@ -64,6 +69,41 @@ def _epoch_ms(value: datetime | float | None) -> int | None:
     if isinstance(value, datetime):
         return int(value.timestamp() * 1000)
     return int(value * 1000)
+
+
+def stream_headers(
+    *,
+    tenant: str | None,
+    provider: str | None,
+    request_started_at: datetime | float | None,
+    user: str | None = None,
+    attributes: Mapping[str, str] | None = None,
+) -> _Headers:
+    """The static headers of one stream; raises ``ValueError`` (one line) for a ``user``
+    or attribute the worker would have to ignore."""
+    if user is not None:
+        if not isinstance(user, str):
+            raise ValueError(f"user must be a string, got {type(user).__name__}")
+        problem = check_label("user", user)
+        if problem:
+            raise ValueError(problem)
+    attrs = dict(attributes or {})
+    if len(attrs) > ATTRIBUTES_MAX:
+        raise ValueError(f"{len(attrs)} attributes given; at most {ATTRIBUTES_MAX} per stream")
+    for name, value in attrs.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ValueError(f"attribute {name!r}: names and values must be strings")
+        problem = check_attribute_name(name) or check_label(f"attribute {name!r}", value)
+        if problem:
+            raise ValueError(problem)
+    meta = RecordMeta(
+        tenant=tenant,
+        provider=provider,
+        started_at_ms=_epoch_ms(request_started_at),
+        user=user or None,
+        attributes=tuple(sorted(attrs.items())),
+    )
+    return encode_headers(meta)
 
 
 class Publisher:
@@ -175,17 +215,27 @@ class Publisher:
         provider: str | None = None,
         request_started_at: datetime | float | None = None,
         completion_id: str | None = None,
+        user: str | None = None,
+        attributes: Mapping[str, str] | None = None,
     ) -> StreamHandle:
         """A handle for one completion stream (use ``async with``).
 
         ``request_started_at`` is a datetime or Unix epoch seconds. ``completion_id`` is
         only needed when the chunks themselves carry no id; otherwise the first chunk's
-        id becomes the record key.
+        id becomes the record key. ``user`` (header ``cs-user``) and ``attributes``
+        (``cs-attr-<name>``, e.g. ``{"feature": "search"}``) are usage dimensions: values
+        printable, at most 256 bytes; names ``[a-z][a-z0-9_]*``, at most 32 characters.
+        A bad one raises ``ValueError``. The worker keeps only the attribute names in
+        ``CHUNKSTITCH_USAGE_ATTRIBUTES``.
         """
-        meta = RecordMeta(
-            tenant=tenant, provider=provider, started_at_ms=_epoch_ms(request_started_at)
+        headers = stream_headers(
+            tenant=tenant,
+            provider=provider,
+            request_started_at=request_started_at,
+            user=user,
+            attributes=attributes,
         )
-        return StreamHandle(self, encode_headers(meta), completion_id)
+        return StreamHandle(self, headers, completion_id)
 
     async def flush(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Wait until every accepted record is acknowledged or failed."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
+from collections.abc import Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
@@ -37,15 +38,15 @@ from processor.clients._publisher import (
     ErrorCallback,
     Publisher,
     PublisherStats,
-    _epoch_ms,
     _Headers,
     _Record,
     _StreamState,
+    stream_headers,
 )
 from processor.clients._serialize import to_value
 from processor.logs import get_logger
 from processor.settings import Settings
-from topics._headers import HEADER_SEQ, EndReason, RecordMeta, encode_headers
+from topics._headers import HEADER_SEQ, EndReason
 
 __all__ = ["SyncPublisher", "SyncStreamHandle"]
 
@@ -167,12 +168,18 @@ class SyncPublisher:
         provider: str | None = None,
         request_started_at: datetime | float | None = None,
         completion_id: str | None = None,
+        user: str | None = None,
+        attributes: Mapping[str, str] | None = None,
     ) -> SyncStreamHandle:
         """A handle for one completion stream (use ``with``); see ``Publisher.stream``."""
-        meta = RecordMeta(
-            tenant=tenant, provider=provider, started_at_ms=_epoch_ms(request_started_at)
+        headers = stream_headers(
+            tenant=tenant,
+            provider=provider,
+            request_started_at=request_started_at,
+            user=user,
+            attributes=attributes,
         )
-        return SyncStreamHandle(self, encode_headers(meta), completion_id)
+        return SyncStreamHandle(self, headers, completion_id)
 
     # --- the caller's side (any thread) -------------------------------------------------
     def _put(self, record: _Record) -> None:

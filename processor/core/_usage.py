@@ -11,7 +11,7 @@ import bisect
 from typing import Any
 
 from topics._response import ChatCompletion
-from topics._usage import LATENCY_BUCKETS_MS, UsageKey, UsageRollup, UsageTotals
+from topics._usage import LATENCY_BUCKETS_MS, UNKNOWN, UsageKey, UsageRollup, UsageTotals
 
 __all__ = [
     "MINUTE_MS",
@@ -19,6 +19,7 @@ __all__ = [
     "combine",
     "contribution",
     "event_time_ms",
+    "labels",
     "percentile",
     "result",
     "roll_up",
@@ -71,20 +72,38 @@ def event_time_ms(response: ChatCompletion) -> int:
     return response.created * 1000
 
 
+def labels(response: ChatCompletion) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The user and the attributes (sorted, empty values left out) a response carries."""
+    meta = response.chunkstitch
+    attrs = meta.attributes
+    return (
+        meta.user or UNKNOWN,
+        tuple(sorted((k, v) for k, v in attrs.items() if v)) if attrs else (),
+    )
+
+
 def contribution(
-    response: ChatCompletion, *, window_ms: int = MINUTE_MS, late: bool = False
+    response: ChatCompletion,
+    *,
+    window_ms: int = MINUTE_MS,
+    late: bool = False,
+    dims: tuple[str, tuple[tuple[str, str], ...]] | None = None,
 ) -> tuple[UsageKey, UsageTotals]:
-    """The bucket a finished response falls into, and what it adds there."""
+    """The bucket a finished response falls into, and what it adds there. ``dims`` (user,
+    attributes) replaces the response's own :func:`labels` (the fold's cardinality cap)."""
     meta = response.chunkstitch
     start = event_time_ms(response) // window_ms * window_ms
+    user, attributes = labels(response) if dims is None else dims
     key = UsageKey(
         window_start_ms=start,
         window_ms=window_ms,
-        tenant=meta.tenant or "unknown",
-        model=response.model or "unknown",
-        provider=meta.provider or response.provider or "unknown",
+        tenant=meta.tenant or UNKNOWN,
+        model=response.model or UNKNOWN,
+        provider=meta.provider or response.provider or UNKNOWN,
         status=meta.status,
         late=late,
+        user=user,
+        attributes=attributes,
     )
     values: dict[str, Any] = {"requests": 1, meta.status: 1}
     usage = response.usage

@@ -21,6 +21,7 @@ import asyncpg
 
 from processor.core import WINDOWS_MS, result
 from topics import LATENCY_BUCKETS_MS, UsageKey, UsageRollup, UsageTotals
+from topics._headers import check_attribute_name
 
 __all__ = [
     "MEASURES",
@@ -42,6 +43,8 @@ TABLE = "chunkstitch_usage_rollup"
 VERSION_TABLE = "chunkstitch_schema_version"
 _STAGE = "chunkstitch_usage_rollup_in"
 DIMENSIONS = ("tenant", "model", "provider", "status")
+LABEL_COLUMNS = ("end_user", "attributes")
+"""The user (``end_user``: ``user`` is reserved in SQL) and the attributes (jsonb)."""
 KEY_COLUMNS = (
     "window_start_ms",
     "window_ms",
@@ -49,6 +52,7 @@ KEY_COLUMNS = (
     "late",
     "source_partition",
     "source_offset",
+    *LABEL_COLUMNS,
 )
 """A late increment (one completion counted after its window closed) carries the source
 offset of that completion; every other row has source_offset -1."""
@@ -144,6 +148,21 @@ WHERE window_ms = {MINUTE_MS}
 GROUP BY 1, 2, 3;
 """,
     ),
+    (
+        3,
+        "user and attribute dimensions",
+        f"""
+ALTER TABLE {TABLE}
+    ADD COLUMN end_user text NOT NULL DEFAULT 'unknown',
+    ADD COLUMN attributes jsonb NOT NULL DEFAULT '{{}}'::jsonb;
+ALTER TABLE {TABLE} DROP CONSTRAINT {TABLE}_pkey;
+ALTER TABLE {TABLE} ADD PRIMARY KEY (window_start_ms, window_ms, tenant, model, provider,
+    status, late, source_partition, source_offset, end_user, attributes);
+COMMENT ON COLUMN {TABLE}.end_user IS 'cs-user of the completions (other: beyond the cap)';
+COMMENT ON COLUMN {TABLE}.attributes IS
+    'allowlisted cs-attr-<name> headers, {{name: value}} (other: beyond the cap)';
+""",
+    ),
 )
 
 
@@ -196,7 +215,11 @@ def row_of(rollup: UsageRollup, rollup_partition: int, rollup_offset: int) -> Ro
         key.late,
         -1 if rollup.source_partition is None else rollup.source_partition,
         _source_offset(rollup),
+        _check_text("user", key.user),
+        json.dumps(dict(key.attributes), sort_keys=True, separators=(",", ":")),
     ]
+    for name, value in key.attributes:
+        _check_text(f"attribute {name}", name + value)
     if key.window_ms <= 0:
         raise InvalidRollup(f"window_ms={key.window_ms} is not a positive window size")
     for name in MEASURES:
@@ -253,8 +276,10 @@ def _stage_ddl() -> str:
     for c in COLUMNS:
         if c in _ARRAYS:
             kind = "bigint[]"
-        elif c in DIMENSIONS:
+        elif c in DIMENSIONS or c == "end_user":
             kind = "text"
+        elif c == "attributes":
+            kind = "jsonb"
         elif c in ("late", "final"):
             kind = "boolean"
         elif c in ("source_partition", "rollup_partition"):
@@ -307,6 +332,30 @@ async def upsert(conn: asyncpg.Connection, rows: Sequence[Row]) -> int:
 class _Group:
     sql: str
     args: list[Any]
+    attrs: tuple[str, ...] = ()
+    """The attribute names grouped by, in the order of the columns a_0, a_1, ..."""
+
+
+_GROUPABLE = (*DIMENSIONS, "user")
+
+
+def _attr_name(dim: str) -> str:
+    name = dim[5:]
+    problem = check_attribute_name(name)
+    if problem:  # also what keeps the name safe to write into the SQL text
+        raise ValueError(f"{dim!r}: {problem}")
+    return name
+
+
+def _column(dim: str) -> str:
+    """The SQL expression of a dimension (``attr.<name>``: ``unknown`` when absent)."""
+    if dim == "user":
+        return "end_user"
+    if dim.startswith("attr."):
+        return f"coalesce(attributes->>'{_attr_name(dim)}', 'unknown')"
+    if dim not in DIMENSIONS:
+        raise ValueError(f"cannot use {dim!r}; choose from {', '.join(_GROUPABLE)} or attr.<name>")
+    return dim
 
 
 def _query_sql(
@@ -321,9 +370,9 @@ def _query_sql(
 ) -> _Group:
     if window not in WINDOWS_MS:
         raise ValueError(f"window must be one of {', '.join(WINDOWS_MS)}, got {window!r}")
-    unknown = set(by) - set(DIMENSIONS)
-    if unknown:
-        raise ValueError(f"cannot group by {sorted(unknown)}; choose from {', '.join(DIMENSIONS)}")
+    for d in by:
+        _column(d)
+    attrs = tuple(sorted(_attr_name(d) for d in set(by) if d.startswith("attr.")))
     size = WINDOWS_MS[window]
     args: list[Any] = [size, source_window_ms]
     where = ["window_ms = $2"]
@@ -334,44 +383,55 @@ def _query_sql(
         args.append(until_ms)
         where.append(f"window_start_ms < ${len(args)}")
     for dim, value in (filters or {}).items():
-        if dim not in DIMENSIONS:
-            raise ValueError(f"cannot filter on {dim!r}; choose from {', '.join(DIMENSIONS)}")
+        column = _column(dim)
         if value:
             args.append(value)
-            where.append(f"{dim} = ${len(args)}")
-    dims = [f"{d} AS {d}" if d in by else f"'*'::text AS {d}" for d in DIMENSIONS]
+            where.append(f"{column} = ${len(args)}")
+    names = [*DIMENSIONS, "end_user", *(f"a_{i}" for i in range(len(attrs)))]
+    exprs = [*DIMENSIONS, "end_user", *(_column("attr." + a) for a in attrs)]
+    grouped = [*(d in by for d in _GROUPABLE), *(True for _ in attrs)]
+    dims = [
+        f"{e} AS {n}" if g else f"'*'::text AS {n}"
+        for e, n, g in zip(exprs, names, grouped, strict=True)
+    ]
     sums = []
     for m in MEASURES:
         if m in _ARRAYS:
             sums += [f"sum({m}[{i}])::bigint AS {m}_{i}" for i in range(1, _N_BUCKETS + 1)]
         else:
             sums.append(f"sum({m})::bigint AS {m}")
-    group = ["1", *(str(i + 2) for i, d in enumerate(DIMENSIONS) if d in by), "late"]
-    # the order of aggregate(): by code point (C collation), not the database's locale
-    order = ["window_start_ms", *(f'{d} COLLATE "C"' for d in DIMENSIONS), "late"]
+    group = ["1", *(str(i + 2) for i, g in enumerate(grouped) if g), "late"]
+    # the order of the live view: by code point (C collation), not the database's locale
+    ordered = [f'{n} COLLATE "C"' for n in names]
     sql = (
         f"SELECT * FROM (SELECT (window_start_ms / $1) * $1 AS window_start_ms, "
         f"{', '.join(dims)}, late, {', '.join(sums)} FROM {TABLE} "
         f"WHERE {' AND '.join(where)} GROUP BY {', '.join(group)}) AS g "
-        f"ORDER BY {', '.join(order)}"
+        f"ORDER BY window_start_ms, {', '.join(ordered)}, late"
     )
     if after is not None:  # keyset page: rows after (window start, group) in this order
         after_start, after_group = after
+        if len(after_group) != len(names) + 1:
+            raise ValueError(_BAD_CURSOR)
         marks: list[str] = []
-        bound: list[Any] = [after_start, *after_group[:4], after_group[4] == "True"]
+        bound: list[Any] = [after_start, *after_group[:-1], after_group[-1] == "True"]
         for value in bound:
             args.append(value)
             marks.append(f"${len(args)}")
         sql = sql.replace(
             ") AS g ORDER BY",
-            ") AS g WHERE (window_start_ms, "
-            + ", ".join(f'{d} COLLATE "C"' for d in DIMENSIONS)
-            + f", late) > ({', '.join(marks)}) ORDER BY",
+            f") AS g WHERE (window_start_ms, {', '.join(ordered)}, late) > "
+            f"({', '.join(marks)}) ORDER BY",
         )
     if limit is not None:
         args.append(limit)
         sql += f" LIMIT ${len(args)}"
-    return _Group(sql, args)
+    return _Group(sql, args, attrs)
+
+
+_BAD_CURSOR = (
+    "cursor is not one this query returned: pass next_cursor unchanged, with the same window and by"
+)
 
 
 async def query_usage(
@@ -405,6 +465,8 @@ async def _fetch(
             provider=rec["provider"],
             status=rec["status"],
             late=rec["late"],
+            user=rec["end_user"],
+            attributes=tuple((a, rec[f"a_{i}"]) for i, a in enumerate(q.attrs)),
         )
         values: dict[str, Any] = {}
         for m in MEASURES:
@@ -418,7 +480,15 @@ async def _fetch(
 
 def _cursor(window: str, row: Mapping[str, Any]) -> str:
     key = row["key"]
-    group = [key["tenant"], key["model"], key["provider"], key["status"], str(key["late"])]
+    group = [
+        key["tenant"],
+        key["model"],
+        key["provider"],
+        key["status"],
+        key["user"],
+        *(v for _, v in sorted(key["attributes"].items())),
+        str(key["late"]),
+    ]
     raw = json.dumps([window, key["window_start_ms"], group], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -429,27 +499,24 @@ def _after(cursor: str, window: str) -> tuple[int, tuple[str, ...]]:
         w, start, group = json.loads(raw)
         if w != window or not isinstance(start, int) or not isinstance(group, list):
             raise ValueError
-        if len(group) != 5:
+        if len(group) < 6:
             raise ValueError
         return start, tuple(str(x) for x in group)
     except (ValueError, TypeError):
-        raise ValueError(
-            "cursor is not one this query returned: pass next_cursor unchanged, with the "
-            "same window"
-        ) from None
+        raise ValueError(_BAD_CURSOR) from None
 
 
 async def query_page(pool: asyncpg.Pool | asyncpg.Connection, q: Any) -> dict[str, Any]:
     """One page ``{"rows": [...], "next_cursor": str | None}`` for a usage query model
     (``window``, ``by``, ``since_ms``, ``until_ms``, ``tenant``/``model``/``provider``/
-    ``status``, ``limit``, ``cursor``), the semantics of the live read model: ``since`` and
-    ``until`` select whole windows of the query's size (a window is in when it ends after
-    ``since`` and starts before ``until``), rows ordered by window start then group, the
-    cursor that of the last row returned."""
+    ``status``/``user``/attributes, ``limit``, ``cursor``), the semantics of the live
+    read model: ``since`` and ``until`` select whole windows of the query's size (a
+    window is in when it ends after ``since`` and starts before ``until``), rows ordered
+    by window start then group, the cursor that of the last row returned."""
     size = WINDOWS_MS[q.window]
     since = None if q.since_ms is None else q.since_ms // size * size
     until = None if q.until_ms is None else -(-q.until_ms // size) * size
-    filters = {d: getattr(q, d) for d in DIMENSIONS if getattr(q, d, None)}
+    filters = q.filters()
     after = None if q.cursor is None else _after(q.cursor, q.window)
     rows = await _fetch(
         pool,

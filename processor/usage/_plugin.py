@@ -102,6 +102,10 @@ def register(app: faust.App, settings: Settings) -> None:
     grace_ms = int(settings.rollup_late_grace_s * 1000)
     dedup_ms = int(settings.usage_dedup_s * 1000)
     future_ms = int(settings.usage_max_future_s * 1000)
+    max_users = settings.usage_max_users
+    attribute_caps = settings.usage_attribute_caps
+    max_values = settings.usage_max_attribute_values
+    dimension_values: dict[str, set[str]] = {}
     parts: dict[int, PartitionUsage] = {}
     loading: dict[int, asyncio.Task[PartitionUsage]] = {}
     assigned: set[int] = set()
@@ -111,6 +115,7 @@ def register(app: faust.App, settings: Settings) -> None:
 
     def count(response: ChatCompletion) -> None:
         _observe(response, settings.metrics_label_cap, labels_seen)
+        _observe_dimensions(response, settings, dimension_values)
 
     async def recover(partition: int) -> PartitionUsage:
         from aiokafka import TopicPartition
@@ -119,11 +124,26 @@ def register(app: faust.App, settings: Settings) -> None:
         cp = await load_checkpoint(settings, partition)
         tp = TopicPartition(settings.topic_responses, partition)
         if cp is None:
-            state = PartitionUsage(partition, grace_ms, dedup_ms, future_ms, tp.topic)
+            state = PartitionUsage(
+                partition,
+                grace_ms,
+                dedup_ms,
+                future_ms,
+                tp.topic,
+                max_users,
+                attribute_caps,
+                max_values,
+            )
             start = None
         else:
             state = PartitionUsage.restore(
-                cp, late_grace_ms=grace_ms, dedup_ms=dedup_ms, max_future_ms=future_ms
+                cp,
+                late_grace_ms=grace_ms,
+                dedup_ms=dedup_ms,
+                max_future_ms=future_ms,
+                max_users=max_users,
+                attribute_caps=attribute_caps,
+                max_attribute_values=max_values,
             )
             start = {tp: min(cp.dedup_from_offset, cp.next_offset)}
         folded = [0, 0]  # re-read for ids, folded
@@ -352,6 +372,20 @@ async def _acknowledged(acks: list[Any], settings: Settings, what: str) -> None:
 def _late_note(
     state: PartitionUsage, response: ChatCompletion, offset: int, settings: Settings
 ) -> None:
+    for dim in state.last_capped:
+        metrics.USAGE_CAPPED.labels(dim, "rollups").inc()
+    if state.cap_reached:
+        for hour, dim in state.cap_reached:
+            log.warning(
+                "usage dimension reached its cap in this hour; further values are counted "
+                "as 'other' (raise CHUNKSTITCH_USAGE_MAX_USERS / _MAX_ATTRIBUTE_VALUES or "
+                "the name:cap in CHUNKSTITCH_USAGE_ATTRIBUTES if they are expected)",
+                partition=state.partition,
+                dimension=dim,
+                hour_start_ms=hour,
+                folded_so_far=state.capped.get(dim, 0),
+            )
+        state.cap_reached.clear()
     outcome = state.last_late
     if outcome is None:
         return
@@ -364,6 +398,35 @@ def _late_note(
         grace_s=settings.rollup_late_grace_s,
         reason=outcome,
     )
+
+
+def _observe_dimensions(
+    response: ChatCompletion, settings: Settings, seen: dict[str, set[str]]
+) -> None:
+    """Tokens by user and by each attribute, at most the dimension's cap of distinct
+    values per process (the series of a process only ever grow), 'other' beyond."""
+    usage = response.usage
+    meta = response.chunkstitch
+    if usage is None or not (meta.user or meta.attributes):
+        return
+    pairs = [("user", meta.user)] if meta.user else []
+    caps = settings.usage_attribute_caps
+    pairs += [("attr." + k, v) for k, v in sorted((meta.attributes or {}).items())]
+    for dim, value in pairs:
+        cap = (
+            settings.usage_max_users
+            if dim == "user"
+            else caps.get(dim[5:], settings.usage_max_attribute_values)
+        )
+        values = seen.setdefault(dim, set())
+        if value not in values:
+            if len(values) >= cap:
+                metrics.USAGE_CAPPED.labels(dim, "metrics").inc()
+                value = "other"
+            else:
+                values.add(value)
+        metrics.USAGE_DIMENSION_TOKENS.labels(dim, value, "prompt").inc(usage.prompt_tokens)
+        metrics.USAGE_DIMENSION_TOKENS.labels(dim, value, "completion").inc(usage.completion_tokens)
 
 
 def _observe(response: ChatCompletion, cap: int, seen: set[tuple[str, str, str]]) -> None:

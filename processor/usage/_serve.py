@@ -44,7 +44,6 @@ from processor.pricing import PRICE_DATA
 from processor.settings import Settings
 from processor.usage._history import History
 from processor.usage._view import (
-    DIMENSIONS,
     HOUR_MS,
     QueryError,
     UsageQuery,
@@ -107,7 +106,7 @@ class UsageService:
                     by=query.by,
                     since_ms=query.since_ms,
                     until_ms=query.until_ms,
-                    filters={d: getattr(query, d) or "" for d in DIMENSIONS},
+                    filters=query.filters(),
                     limit=query.limit,
                 )
             except ValueError as exc:

@@ -36,6 +36,19 @@ What the state holds, and its bound:
   their ids only. Replaying :meth:`remember` over that range rebuilds exactly the same
   horizon (see :meth:`restore`).
 
+* **Cardinality cap** of the user and attribute dimensions: admission is scoped per
+  (this partition, hour window, dimension). A value is admitted into hour ``H`` if an
+  open on-time bucket of ``H`` already has it, or if fewer than ``cap`` distinct values
+  are there; otherwise the completion counts as ``other`` in that dimension (counted in
+  ``capped``). The minute buckets use the decision of their hour, so the minute and hour
+  rollups agree. The admitted values are a function of the open hour buckets alone
+  (``_admitted`` is an index of them, rebuilt from the checkpoint's buckets), so a state
+  restored from a checkpoint decides every later completion exactly as the original
+  did: same buckets, totals stay exact. No state beyond the open buckets; a completion
+  whose hour has already closed (a late increment, its own record) keeps its values.
+  Bound: at most ``cap`` distinct real values (+ ``other``, ``unknown``) per dimension,
+  partition and open hour.
+
 Everything here is deterministic in offset order: the same records from the same
 checkpoint give the same state and the same published records, which is what makes
 re-publishing after a crash harmless.
@@ -49,8 +62,9 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from processor.core import combine, contribution, result, zero
-from processor.core._usage import MINUTE_MS, event_time_ms
+from processor.core._usage import MINUTE_MS, event_time_ms, labels
 from topics import ChatCompletion, UsageCheckpoint, UsageKey, UsageRollup, UsageTotals
+from topics._usage import OTHER, UNKNOWN
 
 __all__ = ["HOUR_MS", "RESOLUTIONS", "Drained", "PartitionUsage"]
 
@@ -92,6 +106,10 @@ class PartitionUsage:
     dedup_ms: int = 600_000
     max_future_ms: int = 3_600_000
     topic: str = ""
+    max_users: int = 1000
+    attribute_caps: dict[str, int] = field(default_factory=dict)
+    """Cap per attribute name; a name not listed (an older allowlist): max_attribute_values."""
+    max_attribute_values: int = 1000
     buckets: dict[UsageKey, UsageTotals] = field(default_factory=dict)
     changed: set[UsageKey] = field(default_factory=set)
     late_out: list[UsageRollup] = field(default_factory=list)
@@ -104,6 +122,15 @@ class PartitionUsage:
     implausible: int = 0
     last_late: str | None = None
     """How the last counted completion was late: None, 'late' or 'implausible'."""
+    capped: dict[str, int] = field(default_factory=dict)
+    """Completions counted as ``other``, per dimension (``user``, ``attr.<name>``)."""
+    last_capped: list[str] = field(default_factory=list)
+    """The dimensions the last counted completion was capped in."""
+    cap_reached: list[tuple[int, str]] = field(default_factory=list)
+    """(hour, dimension) that reached its cap since the caller last cleared it (logging)."""
+    _admitted: dict[int, dict[str, set[str]]] = field(default_factory=dict)
+    """hour window start -> dimension -> the values its open on-time hour buckets hold."""
+    _full: set[tuple[int, str]] = field(default_factory=set)
     _horizon: deque[tuple[int, int, str]] = field(default_factory=deque)
     _seen: dict[str, int] = field(default_factory=dict)
     _latest_ts: int = 0
@@ -157,10 +184,18 @@ class PartitionUsage:
         if not plausible:
             self.implausible += 1
         any_late = False
+        dims = labels(response)
+        if self.last_capped:
+            self.last_capped = []
+        hour = event // HOUR_MS * HOUR_MS
+        if (dims[0] != UNKNOWN or dims[1]) and (
+            plausible and hour + HOUR_MS + self.late_grace_ms >= self.stream_time_ms
+        ):
+            dims = self._admit(hour, dims)
         for size in RESOLUTIONS:
             window_end = event // size * size + size
             late = not plausible or window_end + self.late_grace_ms < self.stream_time_ms
-            bucket, totals = contribution(response, window_ms=size, late=late)
+            bucket, totals = contribution(response, window_ms=size, late=late, dims=dims)
             if late:
                 any_late = True
                 rollup = result(bucket, totals, self.partition)
@@ -175,6 +210,59 @@ class PartitionUsage:
             self.stream_time_ms = event
         return response
 
+    def _admit(
+        self, hour: int, dims: tuple[str, tuple[tuple[str, str], ...]]
+    ) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """The user and attributes a completion of the open hour ``hour`` is counted under
+        (see the module docstring: a function of that hour's open buckets)."""
+        index = self._admitted.setdefault(hour, {})
+        user, attrs = dims
+        user = self._admit_one(index, hour, "user", user, self.max_users)
+        if attrs:
+            caps = self.attribute_caps
+            attrs = tuple(
+                (
+                    name,
+                    self._admit_one(
+                        index,
+                        hour,
+                        "attr." + name,
+                        value,
+                        caps.get(name, self.max_attribute_values),
+                    ),
+                )
+                for name, value in attrs
+            )
+        return user, attrs
+
+    def _admit_one(
+        self, index: dict[str, set[str]], hour: int, dim: str, value: str, cap: int
+    ) -> str:
+        if value in (UNKNOWN, OTHER):
+            return value
+        seen = index.get(dim)
+        if seen is None:
+            seen = index[dim] = set()
+        elif value in seen:
+            return value
+        if len(seen) < cap:
+            seen.add(value)
+            return value
+        self.capped[dim] = self.capped.get(dim, 0) + 1
+        self.last_capped.append(dim)
+        if (hour, dim) not in self._full:
+            self._full.add((hour, dim))
+            self.cap_reached.append((hour, dim))
+        return OTHER
+
+    def _index(self, key: UsageKey) -> None:
+        """Add an open on-time hour bucket's values to the admission index."""
+        index = self._admitted.setdefault(key.window_start_ms, {})
+        values = [("user", key.user), *(("attr." + n, v) for n, v in key.attributes)]
+        for dim, value in values:
+            if value not in (UNKNOWN, OTHER):
+                index.setdefault(dim, set()).add(value)
+
     # --- publishing ------------------------------------------------------------------------
 
     def drain(self) -> Drained:
@@ -183,6 +271,9 @@ class PartitionUsage:
         out: list[UsageRollup] = []
         horizon = self.stream_time_ms - self.late_grace_ms
         closed = [k for k in self.buckets if k.window_start_ms + k.window_ms < horizon]
+        for hour in [h for h in self._admitted if h + HOUR_MS < horizon]:
+            del self._admitted[hour]  # its hour buckets close in this drain
+            self._full = {f for f in self._full if f[0] != hour}
         for key in closed:
             totals = self.buckets.pop(key)
             self.changed.discard(key)
@@ -212,6 +303,7 @@ class PartitionUsage:
             counted=self.counted,
             invalid=self.invalid,
             late=self.late,
+            capped=dict(self.capped),
         )
 
     @classmethod
@@ -222,6 +314,9 @@ class PartitionUsage:
         late_grace_ms: int,
         dedup_ms: int,
         max_future_ms: int,
+        max_users: int = 1000,
+        attribute_caps: dict[str, int] | None = None,
+        max_attribute_values: int = 1000,
     ) -> PartitionUsage:
         """The state a checkpoint describes. Its dedup horizon is still empty: feed the
         responses in ``[dedup_from_offset, next_offset)`` to :meth:`remember`, in offset
@@ -238,13 +333,20 @@ class PartitionUsage:
             dedup_ms,
             max_future_ms,
             checkpoint.source_topic,
+            max_users=max_users,
+            attribute_caps=dict(attribute_caps or {}),
+            max_attribute_values=max_attribute_values,
             stream_time_ms=checkpoint.stream_time_ms,
             next_offset=checkpoint.next_offset,
             counted=checkpoint.counted,
             invalid=checkpoint.invalid,
             late=checkpoint.late,
+            capped=dict(checkpoint.capped),
         )
         state.buckets = {k: _unpack(v) for k, v in checkpoint.buckets}
+        for key in state.buckets:
+            if key.window_ms == HOUR_MS and not key.late:
+                state._index(key)
         state._checkpointed_offset = checkpoint.next_offset
         state._latest_ts = 0
         return state

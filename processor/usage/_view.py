@@ -2,8 +2,9 @@
 
 * **One query model** (:class:`UsageQuery`) validates the parameters of both: ``since``
   and ``until`` as ISO-8601, epoch milliseconds or a relative ``15m`` / ``2h`` / ``7d``
-  (before now), ``window`` (1m, 1h, 1d), ``by`` (a comma list of dimensions), filters
-  (tenant, model, provider, status), ``limit`` and an opaque ``cursor`` for the next page.
+  (before now), ``window`` (1m, 1h, 1d), ``by`` (a comma list of dimensions: tenant,
+  model, provider, status, user, ``attr.<name>``), filters (tenant, model, provider,
+  status, user, ``attr.<name>=value``), ``limit`` and an opaque ``cursor`` for the next page.
   Anything wrong is a :class:`QueryError` with a one-line message (HTTP 400, CLI exit 2).
 * **Maintained incrementally** (:class:`UsageView`) from the two rollup topics: 1-minute
   rows (kept for ``usage_view_minutes_s``) from the 1-minute topic, 1-hour rows and
@@ -38,8 +39,11 @@ from processor.core import WINDOWS_MS, combine, percentile, zero
 from processor.logs import get_logger
 from processor.settings import Settings
 from topics import UsageRollup, UsageTotals
+from topics._headers import check_attribute_name
+from topics._usage import UNKNOWN
 
 __all__ = [
+    "ALL_DIMENSIONS",
     "DIMENSIONS",
     "QueryError",
     "UsageQuery",
@@ -52,6 +56,9 @@ __all__ = [
 log = get_logger("chunkstitch.usage")
 
 DIMENSIONS = ("tenant", "model", "provider", "status")
+"""The dimensions a query groups by when ``by`` is not given."""
+ALL_DIMENSIONS = (*DIMENSIONS, "user")
+"""Plus ``attr.<name>`` for each attribute."""
 MINUTE_MS = WINDOWS_MS["1m"]
 HOUR_MS = WINDOWS_MS["1h"]
 DAY_MS = WINDOWS_MS["1d"]
@@ -59,8 +66,8 @@ MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last instant datet
 _UNITS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _FIELDS = tuple(UsageTotals.model_fields)
 
-RowKey = tuple[str, str, str, str, bool]
-"""tenant, model, provider, status, late."""
+RowKey = tuple[str, str, str, str, str, tuple[tuple[str, str], ...], bool]
+"""tenant, model, provider, status, user, attributes, late."""
 
 
 class QueryError(ValueError):
@@ -120,6 +127,9 @@ class UsageQuery(BaseModel):
     model: str | None = None
     provider: str | None = None
     status: str | None = None
+    user: str | None = None
+    attributes: tuple[tuple[str, str], ...] = ()
+    """Attribute filters (``attr.<name>=value``), sorted by name."""
     limit: int = Field(default=1000, ge=1)
     cursor: str | None = None
 
@@ -128,10 +138,39 @@ class UsageQuery(BaseModel):
     def _split_by(cls, value: Any) -> Any:
         if isinstance(value, str):
             value = [d.strip() for d in value.split(",") if d.strip()]
-        unknown = sorted(set(value) - set(DIMENSIONS))
+        attrs = sorted({d for d in value if isinstance(d, str) and d.startswith("attr.")})
+        for name in attrs:
+            problem = check_attribute_name(name[5:])
+            if problem:
+                raise ValueError(f"cannot group by {name!r}: {problem}")
+        unknown = sorted(set(value) - set(ALL_DIMENSIONS) - set(attrs))
         if unknown:
-            raise ValueError(f"cannot group by {unknown}; choose from {', '.join(DIMENSIONS)}")
-        return tuple(d for d in DIMENSIONS if d in value)
+            raise ValueError(
+                f"cannot group by {unknown}; choose from {', '.join(ALL_DIMENSIONS)}, attr.<name>"
+            )
+        return (*(d for d in ALL_DIMENSIONS if d in value), *attrs)
+
+    @field_validator("attributes", mode="before")
+    @classmethod
+    def _check_filters(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            value = list(value.items())
+        for name, _ in value:
+            problem = check_attribute_name(name)
+            if problem:
+                raise ValueError(f"cannot filter on attr.{name}: {problem}")
+        return tuple(sorted((str(k), str(v)) for k, v in value))
+
+    @property
+    def by_attributes(self) -> tuple[str, ...]:
+        """The attribute names grouped by (sorted)."""
+        return tuple(d[5:] for d in self.by if d.startswith("attr."))
+
+    def filters(self) -> dict[str, str]:
+        """dimension -> required value (``attr.<name>`` for attributes)."""
+        out = {d: getattr(self, d) for d in ALL_DIMENSIONS if getattr(self, d)}
+        out.update({"attr." + k: v for k, v in self.attributes})
+        return out
 
     @classmethod
     def parse(
@@ -140,11 +179,18 @@ class UsageQuery(BaseModel):
         """Validate raw parameters (query string or CLI options); raise :class:`QueryError`."""
         now = int(time.time() * 1000) if now_ms is None else now_ms
         raw = {k: v for k, v in params.items() if v is not None and v != ""}
+        attr_filters = {k[5:]: str(v) for k, v in raw.items() if k.startswith("attr.")}
+        raw = {k: v for k, v in raw.items() if not k.startswith("attr.")}
         unknown = sorted(set(raw) - {"since", "until", *cls.model_fields})
         if unknown:
-            allowed = "since, until, window, by, tenant, model, provider, status, limit, cursor"
+            allowed = (
+                "since, until, window, by, tenant, model, provider, status, user, "
+                "attr.<name>, limit, cursor"
+            )
             raise QueryError(f"unknown parameter {', '.join(unknown)}; use {allowed}")
         values: dict[str, Any] = {k: v for k, v in raw.items() if k not in ("since", "until")}
+        if attr_filters:
+            values["attributes"] = {**dict(values.get("attributes") or ()), **attr_filters}
         values["since_ms"] = _parse_time("since", raw.get("since", raw.get("since_ms")), now)
         values["until_ms"] = _parse_time("until", raw.get("until", raw.get("until_ms")), now)
         try:
@@ -188,9 +234,16 @@ def _decode_cursor(cursor: str, window: str) -> tuple[int, tuple[str, ...]]:
         ) from None
 
 
-def _row(start: int, size: int, group: tuple[str, ...], t: UsageTotals) -> dict[str, Any]:
+def _row(
+    start: int,
+    size: int,
+    group: tuple[str, ...],
+    t: UsageTotals,
+    attr_names: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """What ``result(key, totals).model_dump()`` gives (minus the source fields), built
-    directly: a page of rows is the only work a query does, so it stays cheap."""
+    directly: a page of rows is the only work a query does, so it stays cheap. ``group``
+    is (tenant, model, provider, status, user, one value per grouped attribute, late)."""
     return {
         "key": {
             "window_start_ms": start,
@@ -199,7 +252,9 @@ def _row(start: int, size: int, group: tuple[str, ...], t: UsageTotals) -> dict[
             "model": group[1],
             "provider": group[2],
             "status": group[3],
-            "late": group[4] == "True",
+            "late": group[-1] == "True",
+            "user": group[4],
+            "attributes": dict(zip(attr_names, group[5:-1], strict=True)),
         },
         "totals": {name: getattr(t, name) for name in _FIELDS},
         "ttfc_ms_p50": percentile(t.ttfc_ms_buckets, 0.5),
@@ -214,6 +269,12 @@ def _row(start: int, size: int, group: tuple[str, ...], t: UsageTotals) -> dict[
         "cost_usd": t.cost_nano_usd / 1e9,
         "cost_estimated_usd": t.cost_estimated_nano_usd / 1e9,
     }
+
+
+def _value(row: RowKey, attrs: Mapping[str, str], dimension: str) -> str:
+    if dimension.startswith("attr."):
+        return attrs.get(dimension[5:], UNKNOWN)
+    return str(row[ALL_DIMENSIONS.index(dimension)])
 
 
 def _diff(new: UsageTotals, old: UsageTotals) -> UsageTotals:
@@ -332,7 +393,15 @@ class UsageView:
             for size_, start_ in ((size, start), (DAY_MS, day)):
                 if size_ != DAY_MS or size == HOUR_MS:
                     self._newest[size_] = max(self._newest.get(size_, start_), start_)
-        row: RowKey = (key.tenant, key.model, key.provider, key.status, key.late)
+        row: RowKey = (
+            key.tenant,
+            key.model,
+            key.provider,
+            key.status,
+            key.user,
+            key.attributes,
+            key.late,
+        )
         self._add(size, start, row, delta)
         if size == HOUR_MS:
             self._add(DAY_MS, start // DAY_MS * DAY_MS, row, delta)
@@ -371,7 +440,10 @@ class UsageView:
         after: tuple[int, tuple[str, ...]] | None = None
         if q.cursor is not None:
             after = _decode_cursor(q.cursor, q.window)
-        filters = {d: getattr(q, d) for d in DIMENSIONS if getattr(q, d)}
+        filters = q.filters()
+        attr_names = q.by_attributes
+        by = set(q.by)
+        classic = list(enumerate(ALL_DIMENSIONS))
         out: list[dict[str, Any]] = []
         next_cursor: str | None = None
         last_group: tuple[str, ...] = ()
@@ -387,12 +459,15 @@ class UsageView:
                 if q.until_ms is not None and start >= q.until_ms:
                     break
                 groups: dict[tuple[str, ...], UsageTotals] = {}
-                for (tenant, model, provider, status, late), totals in windows[start].items():
-                    dims = {"tenant": tenant, "model": model, "provider": provider}
-                    dims["status"] = status
-                    if any(dims[d] != v for d, v in filters.items()):
+                for row, totals in windows[start].items():
+                    attrs = dict(row[5]) if row[5] else {}
+                    if filters and any(_value(row, attrs, d) != v for d, v in filters.items()):
                         continue
-                    group = (*(dims[d] if d in q.by else "*" for d in DIMENSIONS), str(late))
+                    group: tuple[str, ...] = (
+                        *(str(row[i]) if d in by else "*" for i, d in classic),
+                        *(attrs.get(name, UNKNOWN) for name in attr_names),
+                        str(row[6]),
+                    )
                     groups[group] = combine(groups.get(group, zero()), totals)
                 for group in sorted(groups):
                     if after is not None and (start, group) <= after:
@@ -401,7 +476,7 @@ class UsageView:
                         last = out[-1]["key"]
                         next_cursor = _encode_cursor(q.window, last["window_start_ms"], last_group)
                         break
-                    out.append(_row(start, size, group, groups[group]))
+                    out.append(_row(start, size, group, groups[group], attr_names))
                     last_group = group
                 if next_cursor is not None:
                     break

@@ -52,7 +52,12 @@ from topics import (
     Status,
     decode_headers,
 )
-from topics._headers import KEY_MAX_BYTES, plausible_started_at
+from topics._headers import (
+    HEADER_ATTR_PREFIX,
+    HEADER_USER,
+    KEY_MAX_BYTES,
+    plausible_started_at,
+)
 
 __all__ = ["AckFn", "Lease", "Record", "SendFn", "Stitcher"]
 
@@ -102,6 +107,11 @@ class _Open:
     started_ms: int | None = None
     started_ignored: bool = False
     """An implausible ``cs-started-at`` was ignored (logged once per stream)."""
+    user: str | None = None
+    attributes: dict[str, str] | None = None
+    labels_seen: bool = False
+    """The ``cs-user`` / ``cs-attr-*`` headers were taken (from the first record that had
+    any): later records carry the same static headers, so they are not checked again."""
 
 
 @dataclass(slots=True)
@@ -180,6 +190,8 @@ class Stitcher:
         """Outputs and time rules only while it is valid; ``None``: always (unit tests)."""
         self.wall_clock = wall_clock
         self.topic = settings.topic_chunks
+        self._attribute_caps = settings.usage_attribute_caps
+        self._dropped_logged: set[str] = set()
         self.policy = DetectionPolicy(
             usage_grace_s=settings.usage_grace_s,
             idle_timeout_s=settings.idle_timeout_s,
@@ -480,6 +492,39 @@ class Stitcher:
                     )
         if meta.seq is not None:
             stream.clock.sequenced = True
+        if not stream.labels_seen and (meta.user or meta.attributes or meta.ignored):
+            self._note_labels(stream, meta)
+
+    def _note_labels(self, stream: _Open, meta: RecordMeta) -> None:
+        """User and the allowlisted attributes of a stream (once). A ``cs-user`` /
+        ``cs-attr-*`` header that is not valid, or an attribute not in the allowlist, is
+        ignored: counted (once per completion) and logged; the chunk itself is fine, so
+        it is never dead-lettered for a label."""
+        stream.labels_seen = True
+        stream.user = meta.user
+        allowed = self._attribute_caps
+        kept = {name: value for name, value in meta.attributes if name in allowed}
+        stream.attributes = kept or None
+        dropped = [name for name, _ in meta.attributes if name not in allowed]
+        for header, problem in meta.ignored:
+            label = HEADER_USER if header == HEADER_USER else HEADER_ATTR_PREFIX + "*"
+            metrics.HEADERS_IGNORED.labels(label).inc()
+            log.warning(
+                "ignoring a usage label header that is not valid; fix the publisher",
+                completion_id=stream.cid,
+                header=header[:64],
+                problem=problem,
+            )
+        if dropped:
+            metrics.HEADERS_IGNORED.labels(HEADER_ATTR_PREFIX + "*").inc(len(dropped))
+            if len(self._dropped_logged) < 100 and not self._dropped_logged.issuperset(dropped):
+                self._dropped_logged.update(dropped)
+                log.warning(
+                    "ignoring attribute headers not in CHUNKSTITCH_USAGE_ATTRIBUTES (add "
+                    "them there to carry them; logged once per name)",
+                    completion_id=stream.cid,
+                    attributes=sorted(dropped)[:16],
+                )
 
     def _header_limits(self, meta: RecordMeta) -> str | None:
         """What is wrong with a sequence number or chunk count that no completion within
@@ -614,6 +659,8 @@ class Stitcher:
         """The worker's part of the metadata: headers, record timestamps, source range."""
         meta.tenant = stream.tenant
         meta.provider = stream.provider or provider
+        meta.user = stream.user
+        meta.attributes = stream.attributes
         meta.request_started_at_ms = stream.started_ms
         meta.first_chunk_at_ms = stream.first_ts
         meta.last_chunk_at_ms = stream.last_ts

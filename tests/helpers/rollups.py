@@ -42,6 +42,13 @@ async def read_rollups(settings: Settings) -> list[UsageRollup]:
     return list(latest.values())
 
 
+def _value(key: UsageKey, dim: str) -> str:
+    if dim.startswith("attr."):
+        return dict(key.attributes).get(dim[5:], "unknown")
+    value: str = getattr(key, dim)
+    return value
+
+
 def aggregate(
     rollups: Iterable[UsageRollup],
     *,
@@ -51,27 +58,38 @@ def aggregate(
     until_ms: int | None = None,
     filters: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Sum rollups (over source partitions) into ``window`` buckets grouped ``by``."""
+    """Sum rollups (over source partitions) into ``window`` buckets grouped ``by``
+    (tenant, model, provider, status, user, ``attr.<name>``)."""
     if window not in WINDOWS_MS:
         raise ValueError(f"window must be one of {', '.join(WINDOWS_MS)}, got {window!r}")
-    unknown = set(by) - set(DIMENSIONS)
+    classic = (*DIMENSIONS, "user")
+    unknown = {d for d in by if not d.startswith("attr.")} - set(classic)
     if unknown:
-        raise ValueError(f"cannot group by {sorted(unknown)}; choose from {', '.join(DIMENSIONS)}")
+        raise ValueError(f"cannot group by {sorted(unknown)}; choose from {', '.join(classic)}")
+    attrs = sorted(d[5:] for d in set(by) if d.startswith("attr."))
     size = WINDOWS_MS[window]
     groups: dict[UsageKey, UsageTotals] = {}
     for rollup in rollups:
         key = rollup.key
-        if filters and any(getattr(key, k) != v for k, v in filters.items() if v):
+        if filters and any(_value(key, k) != v for k, v in filters.items() if v):
             continue
         if since_ms is not None and key.window_start_ms + key.window_ms <= since_ms:
             continue
         if until_ms is not None and key.window_start_ms >= until_ms:
             continue
-        coarse = roll_up(key, size).model_copy(update={d: "*" for d in DIMENSIONS if d not in by})
+        update: dict[str, Any] = {d: "*" for d in classic if d not in by}
+        update["attributes"] = tuple((a, _value(key, "attr." + a)) for a in attrs)
+        coarse = roll_up(key, size).model_copy(update=update)
         groups[coarse] = combine(groups.get(coarse, zero()), rollup.totals)
     out = []
     for key in sorted(
-        groups, key=lambda k: (k.window_start_ms, *(getattr(k, d) for d in DIMENSIONS), k.late)
+        groups,
+        key=lambda k: (
+            k.window_start_ms,
+            *(getattr(k, d) for d in classic),
+            *(v for _, v in k.attributes),
+            k.late,
+        ),
     ):
         out.append(
             result(key, groups[key]).model_dump(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from typing import Any
 
 from processor.core import Assembler, parse_chunk
@@ -26,17 +27,24 @@ def wire(
     dup_rate: float = 0.1,
     swap_rate: float = 0.1,
     markers: bool = True,
+    labels: Callable[[int], tuple[str | None, tuple[tuple[str, str], ...]]] | None = None,
 ) -> list[Outgoing]:
     """Records for every stream: sequenced chunks, some duplicated, some swapped with their
     neighbour, then an end marker; streams interleaved at random."""
     rng = random.Random(seed)
     per_stream: list[list[Outgoing]] = []
-    for s in streams:
+    for n, s in enumerate(streams):
         key = s.completion_id.encode()
+        user, attributes = labels(n) if labels else (None, ())
         recs: list[Outgoing] = []
         for seq, chunk in enumerate(s.chunks):
             meta = RecordMeta(
-                seq=seq, tenant=s.tenant, provider=s.provider, started_at_ms=1_760_000_000_000
+                seq=seq,
+                tenant=s.tenant,
+                provider=s.provider,
+                started_at_ms=1_760_000_000_000,
+                user=user,
+                attributes=attributes,
             )
             recs.append((key, json.dumps(chunk).encode(), meta))
             if rng.random() < dup_rate:

@@ -16,6 +16,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from openai.types.chat import ChatCompletionChunk as OpenAIChunk
@@ -60,6 +61,7 @@ def worker_env(broker: str, tmp_path: Path) -> Iterator[dict[str, str]]:
         "CHUNKSTITCH_USAGE_GRACE_S": "0.5",
         "CHUNKSTITCH_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S),
         "CHUNKSTITCH_CONNECT_TIMEOUT_S": "5",
+        "CHUNKSTITCH_USAGE_ATTRIBUTES": "feature,env",
     }
     created = subprocess.run(
         [sys.executable, "-m", "processor", "topics", "create"],
@@ -132,11 +134,19 @@ async def test_library_publish_and_consume_match_assemble(worker_env: dict[str, 
             raise ConnectionResetError("client went away")
 
     async with Publisher(settings) as publisher:
-        async with publisher.stream(tenant="acme", provider="azure", request_started_at=1) as s:
+        async with publisher.stream(
+            tenant="acme",
+            provider="azure",
+            request_started_at=1,
+            user="alice",
+            attributes={"feature": "chat", "secret": "not in the allowlist"},
+        ) as s:
             for chunk in dict_chunks:
                 await s.send(chunk)
             s.mark_done()
-        async with publisher.stream(tenant="beta", provider="openai") as s:
+        async with publisher.stream(
+            tenant="beta", provider="openai", user="bob", attributes={"feature": "search"}
+        ) as s:
             for obj in obj_chunks:
                 await s.send(obj)
         with pytest.raises(ConnectionResetError):
@@ -154,6 +164,33 @@ async def test_library_publish_and_consume_match_assemble(worker_env: dict[str, 
     _same_content(got["w-obj"], expected["w-obj"])
     assert got["w-dict"].chunkstitch.tenant == "acme"
     assert got["w-obj"].chunkstitch.provider == "openai"
+    # user and the allowlisted attributes (CHUNKSTITCH_USAGE_ATTRIBUTES=feature,env)
+    assert got["w-dict"].chunkstitch.user == "alice"
+    assert got["w-dict"].chunkstitch.attributes == {"feature": "chat"}
+    assert got["w-obj"].chunkstitch.user == "bob"
+    assert got["w-obj"].chunkstitch.attributes == {"feature": "search"}
+    assert got["w-abort"].chunkstitch.user is None
+    # ... and the rollups group by them (/usage on the worker)
+    import httpx
+
+    port = worker_env["CHUNKSTITCH_WEB_PORT"]
+    url = f"http://127.0.0.1:{port}/usage?window=1d&by=user,attr.feature"
+    rows: list[dict[str, Any]] = []
+    async with httpx.AsyncClient(timeout=10) as client:
+        for _ in range(240):  # until the read model has the three completions (or 60 s)
+            rows = (await client.get(url)).json()["rows"]
+            if sum(r["totals"]["requests"] for r in rows) >= 3:
+                break
+            await asyncio.sleep(0.25)
+    by = {(r["key"]["user"], r["key"]["attributes"]["feature"]): r for r in rows}
+    assert {k: r["totals"]["requests"] for k, r in by.items()} == {
+        ("alice", "chat"): 1,
+        ("bob", "search"): 1,
+        ("unknown", "unknown"): 1,
+    }
+    assert by[("alice", "chat")]["totals"]["prompt_tokens"] == (
+        got["w-dict"].usage.prompt_tokens if got["w-dict"].usage else 0
+    )
     # aborted: finished at once (the idle timeout is IDLE_TIMEOUT_S) and incomplete
     assert got["w-abort"].chunkstitch.status == "incomplete"
     (local_abort,) = assemble_many(parse_chunk(c) for c in aborted)
@@ -182,7 +219,16 @@ async def test_cli_publish_and_cli_consume_match_assemble(
         )
 
     published = await asyncio.to_thread(
-        run, "publish", str(capture), "--tenant", "cli", "--keep-ids"
+        run,
+        "publish",
+        str(capture),
+        "--tenant",
+        "cli",
+        "--keep-ids",
+        "--user",
+        "carol",
+        "--attr",
+        "env=test",
     )
     assert published.returncode == 0, published.stderr
     consumed = await asyncio.to_thread(
@@ -195,6 +241,12 @@ async def test_cli_publish_and_cli_consume_match_assemble(
     for local in assemble_many(parse_chunk(c) for c in chunks):
         _same_content(got[local.id], local)
         assert got[local.id].chunkstitch.tenant == "cli"
+        assert got[local.id].chunkstitch.user == "carol"
+        assert got[local.id].chunkstitch.attributes == {"env": "test"}
+    bad = await asyncio.to_thread(run, "publish", str(capture), "--attr", "Bad=x")
+    assert bad.returncode == 2
+    assert "attribute name 'Bad'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 async def test_example_gateway_to_worker_to_consumer(worker_env: dict[str, str]) -> None:

@@ -36,13 +36,46 @@ def _usage_of(chunks: list[dict[str, Any]]) -> tuple[int, int]:
     return prompt, completion
 
 
+async def _reference_fold(settings: Any) -> Counter[tuple[str, str]]:
+    """Requests by (user, feature) of one straight fold of the responses topic, per
+    partition in offset order, with the worker's settings (hour rollups + late ones)."""
+    from aiokafka import TopicPartition
+
+    from processor.kafka import read_to_end
+    from processor.usage import PartitionUsage
+    from processor.usage._state import HOUR_MS
+
+    out = Counter[tuple[str, str]]()
+    for p in range(settings.partitions):
+        tp = TopicPartition(settings.topic_responses, p)
+        state = PartitionUsage(
+            p,
+            int(settings.rollup_late_grace_s * 1000),
+            int(settings.usage_dedup_s * 1000),
+            int(settings.usage_max_future_s * 1000),
+            tp.topic,
+            settings.usage_max_users,
+            settings.usage_attribute_caps,
+            settings.usage_max_attribute_values,
+        )
+        for rec in await read_to_end(settings, [tp]):
+            state.apply(rec.offset, rec.key, rec.value, rec.timestamp)
+        for r in state.drain().rollups:
+            if r.key.window_ms == HOUR_MS:
+                out[(r.key.user, dict(r.key.attributes)["feature"])] += r.totals.requests
+    return out
+
+
 async def test_totals_are_exact_after_kill_9_and_served_everywhere(
     broker: str, tmp_path: Path
 ) -> None:
-    settings = isolated_settings(broker, tmp_path)
+    # users and an attribute, with a user cap (3 per partition and hour) that 6 users exceed
+    settings = isolated_settings(broker, tmp_path, usage_attributes="feature", usage_max_users=3)
     await make_topics(settings)
     streams = build_streams(120, seed=61, prefix="use")
-    records = wire(streams, seed=62)
+    records = wire(
+        streams, seed=62, labels=lambda i: (f"user-{i % 6}", (("feature", f"f{i % 2}"),))
+    )
     half = len(records) // 2
     worker = WorkerProcess(settings, tmp_path / "worker-1.log").start()
     try:
@@ -66,6 +99,7 @@ async def test_totals_are_exact_after_kill_9_and_served_everywhere(
                 break
             await asyncio.sleep(0.25)
         metrics = restarted.get("/metrics").decode()
+        by_user = json.loads(restarted.get("/usage?window=1h&by=user,attr.feature"))["rows"]
     finally:
         restarted.stop()
     expected: dict[str, Counter[str]] = {}
@@ -83,6 +117,17 @@ async def test_totals_are_exact_after_kill_9_and_served_everywhere(
     }
     assert got == {t: dict(c) for t, c in expected.items()}
     assert "chunkstitch_tokens_total" in metrics
+
+    # The cap's buckets after kill -9 and recovery are those of one uninterrupted fold of
+    # the same responses (deterministic admission), and 'other' holds the rest.
+    reference = await _reference_fold(settings)
+    live = Counter[tuple[str, str]]()
+    for row in by_user:
+        live[(row["key"]["user"], row["key"]["attributes"]["feature"])] += row["totals"]["requests"]
+    assert live == reference
+    assert reference[("other", "f0")] + reference[("other", "f1")] > 0
+    assert sum(reference.values()) == len(streams)
+    assert 'chunkstitch_usage_capped_total{dimension="user",scope="rollups"}' in metrics
 
     proc = await asyncio.to_thread(
         subprocess.run,

@@ -66,8 +66,13 @@ class Query:
     model: str | None = None
     provider: str | None = None
     status: str | None = None
+    user: str | None = None
     limit: int = 1000
     cursor: str | None = None
+
+    def filters(self) -> dict[str, str]:
+        dims = ("tenant", "model", "provider", "status", "user")
+        return {d: getattr(self, d) for d in dims if getattr(self, d)}
 
 
 @pytest.fixture
@@ -86,6 +91,8 @@ def _rollup(i: int, step: int, source_partition: int) -> UsageRollup:
         provider="openai" if i % 4 else "azure",
         status="complete" if i % 5 else "error",
         late=i % 11 == 0,
+        user=f"user-{i % 4}" if i % 3 else "unknown",
+        attributes={"feature": f"f|{i % 2}"} if i % 5 != 1 else {},  # '|': escaped in the key
     )
     ttfc = [0] * 14
     ttfc[i % 14] = step
@@ -189,9 +196,15 @@ async def table(dsn: str) -> dict[tuple[Any, ...], tuple[Any, ...]]:
     finally:
         await conn.close()
     n = len(KEY_COLUMNS)
+    at = KEY_COLUMNS.index("attributes")
+
+    def key(r: Any) -> tuple[Any, ...]:  # jsonb comes back re-spaced: compare as row_of writes
+        k = list(r[:n])
+        k[at] = json.dumps(json.loads(k[at]), sort_keys=True, separators=(",", ":"))
+        return tuple(k)
+
     return {
-        tuple(r[:n]): tuple(list(v) if isinstance(v, list) else v for v in tuple(r)[n:])
-        for r in rows
+        key(r): tuple(list(v) if isinstance(v, list) else v for v in tuple(r)[n:]) for r in rows
     }
 
 
@@ -329,6 +342,11 @@ async def test_query_equals_the_kafka_side_aggregate_and_the_views_read_it(
             {"window": "1h", "by": ["model", "status"], "since_ms": T0 + 3 * 3_600_000},
             {"window": "1m", "since_ms": T0 + 600_000, "until_ms": T0 + 20 * 3_600_000},
             {"window": "1h", "by": ["provider"], "filters": {"tenant": "tenant-1", "model": ""}},
+            {"window": "1h", "by": ["tenant", "user"]},
+            {"window": "1d", "by": ["user", "attr.feature"]},
+            {"window": "1m", "by": ["attr.feature", "attr.env"]},  # env: never sent (unknown)
+            {"window": "1h", "by": ["model"], "filters": {"user": "user-1"}},
+            {"window": "1h", "by": ["user"], "filters": {"attr.feature": "f|1"}},
         ]
         for case in cases:
             kafka = aggregate(rollups, **case)
@@ -357,6 +375,17 @@ async def test_query_equals_the_kafka_side_aggregate_and_the_views_read_it(
         assert one["rows"] == [r for r in whole_windows if r["key"]["tenant"] == "tenant-2"]
         with pytest.raises(ValueError, match="cursor is not one this query returned"):
             await query_page(conn, replace(q, cursor="bm90IGEgY3Vyc29y"))
+        by_user = Query(window="1h", by=("user",), limit=3)
+        pages = []
+        page = await query_page(conn, by_user)
+        while True:
+            pages += page["rows"]
+            if page["next_cursor"] is None:
+                break
+            page = await query_page(conn, replace(by_user, cursor=page["next_cursor"]))
+        assert pages == await query_usage(conn, "1h", ["user"])
+        with pytest.raises(ValueError, match="attribute name"):
+            await query_usage(conn, "1h", ["attr.Bad-Name"])
 
         daily = await conn.fetch(
             "SELECT tenant, sum(requests) AS r FROM chunkstitch_usage_tenant_daily GROUP BY 1"

@@ -374,3 +374,42 @@ async def test_gateway_drops_only_the_usage_only_event_wherever_the_bytes_are_cu
 
         out = b"".join([piece async for piece in _without_usage_chunk(source())])
         assert out == events[0] + events[1] + events[3]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"user": "a\nb"}, "user must be printable"),
+        ({"user": "x" * 257}, "user is longer than 256 bytes"),
+        ({"attributes": {"Feature": "x"}}, "attribute name 'Feature' must be"),
+        ({"attributes": {"api-key": "x"}}, "attribute name 'api-key' must be"),
+        ({"attributes": {"env": "\x00"}}, "attribute 'env' must be printable"),
+        ({"attributes": {f"a{i}": "x" for i in range(17)}}, "at most 16 per stream"),
+    ],
+)
+def test_bad_user_or_attribute_is_one_line_value_error(
+    kwargs: dict[str, Any], message: str
+) -> None:
+    from processor.clients._publisher import stream_headers
+
+    with pytest.raises(ValueError, match=message) as info:
+        stream_headers(tenant=None, provider=None, request_started_at=None, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_user_and_attributes_become_headers() -> None:
+    from processor.clients._publisher import stream_headers
+
+    headers = stream_headers(
+        tenant="t",
+        provider=None,
+        request_started_at=None,
+        user="alice",
+        attributes={"feature": "search", "env": "prod"},
+    )
+    assert headers == [
+        ("cs-tenant", b"t"),
+        ("cs-user", b"alice"),
+        ("cs-attr-env", b"prod"),
+        ("cs-attr-feature", b"search"),
+    ]

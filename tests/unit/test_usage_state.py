@@ -25,9 +25,20 @@ _BASE = assemble_many(
 )[0]
 
 
-def response(cid: str, started_ms: int, tenant: str = "acme") -> bytes:
+def response(
+    cid: str,
+    started_ms: int,
+    tenant: str = "acme",
+    user: str | None = None,
+    attributes: dict[str, str] | None = None,
+) -> bytes:
     meta = _BASE.chunkstitch.model_copy(
-        update={"tenant": tenant, "request_started_at_ms": started_ms}
+        update={
+            "tenant": tenant,
+            "request_started_at_ms": started_ms,
+            "user": user,
+            "attributes": attributes,
+        }
     )
     return _BASE.model_copy(update={"id": cid, "chunkstitch": meta}).to_json()
 
@@ -40,19 +51,31 @@ class Rec:
     ts: int
 
 
+CAPS = {"max_users": 2, "attribute_caps": {"feature": 2}, "max_attribute_values": 1}
+
+
 def fresh() -> PartitionUsage:
-    return PartitionUsage(0, GRACE, DEDUP, 3_600_000, "responses")
+    return PartitionUsage(0, GRACE, DEDUP, 3_600_000, "responses", **CAPS)  # type: ignore[arg-type]
 
 
-def totals_of(rollups: list[UsageRollup], window_ms: int = 60_000) -> dict[tuple[int, bool], int]:
-    """What a reader sees: the latest record per key, summed per (window, late)."""
+def totals_of(
+    rollups: list[UsageRollup], window_ms: int = 60_000, dims: bool = False
+) -> dict[tuple[object, ...], int]:
+    """What a reader sees: the latest record per key, summed per (window, late), with
+    ``dims`` per (window, late, user, attributes) too (the cap's decisions)."""
     latest = {}
     for r in rollups:
         if r.key.window_ms == window_ms:
             latest[r.key.record_key(r.source_partition, r.source_offset)] = r
-    out: Counter[tuple[int, bool]] = Counter()
+    out: Counter[tuple[object, ...]] = Counter()
     for r in latest.values():
-        out[(r.key.window_start_ms, r.key.late)] += r.totals.requests
+        k = r.key
+        group = (
+            (k.window_start_ms, k.late, k.user, k.attributes)
+            if dims
+            else (k.window_start_ms, k.late)
+        )
+        out[group] += r.totals.requests
     return dict(out)
 
 
@@ -135,7 +158,12 @@ def _stream(rnd: random.Random, n: int) -> list[Rec]:
             recs.append(Rec(i, f"bad{i}".encode(), b"{not json", ts))
         else:
             tenant = rnd.choice(("a", "b"))
-            recs.append(Rec(i, f"c{i}".encode(), response(f"c{i}", event, tenant), ts))
+            user = rnd.choice((None, "u1", "u2", "u3", "u4", "u5"))
+            attrs = rnd.choice((None, {"feature": "f1"}, {"feature": "f2", "env": "e1"}))
+            if rnd.random() < 0.3:
+                attrs = {"feature": f"f{rnd.randint(3, 6)}", "env": f"e{rnd.randint(2, 3)}"}
+            value = response(f"c{i}", event, tenant, user, attrs)
+            recs.append(Rec(i, f"c{i}".encode(), value, ts))
     return recs
 
 
@@ -157,7 +185,11 @@ def _run(
                 state, i = fresh(), 0
             else:
                 state = PartitionUsage.restore(
-                    checkpoint, late_grace_ms=GRACE, dedup_ms=DEDUP, max_future_ms=3_600_000
+                    checkpoint,
+                    late_grace_ms=GRACE,
+                    dedup_ms=DEDUP,
+                    max_future_ms=3_600_000,
+                    **CAPS,  # type: ignore[arg-type]
                 )
                 for r in recs[checkpoint.dedup_from_offset : checkpoint.next_offset]:
                     if r.value is not None:
@@ -190,9 +222,10 @@ def test_any_crash_and_restore_gives_the_uninterrupted_totals(
     expected, straight = _run(recs, [], 0)
     got, restored = _run(recs, crashes, redeliver)
     for size in (60_000, HOUR_MS):
-        assert totals_of(got, size) == totals_of(expected, size)
+        assert totals_of(got, size, dims=True) == totals_of(expected, size, dims=True)
     assert restored.counted == straight.counted
     assert restored.stream_time_ms == straight.stream_time_ms
+    assert restored.buckets == straight.buckets
     # and the live read model sums the same, re-publications included
     a, b = UsageView(), UsageView()
     for view, stream in ((a, got), (b, expected)):
@@ -217,3 +250,52 @@ def test_checkpoint_round_trips_as_json() -> None:
 
 def test_response_model_is_usable() -> None:
     assert ChatCompletion.model_validate_json(response("z", T0)).id == "z"
+
+
+def test_dimensions_beyond_the_cap_are_other_per_hour_and_minute_follows_its_hour() -> None:
+    state = fresh()  # 2 users, 2 features, 1 value of any other attribute per hour
+    users = ["u1", "u2", "u3", "u1", "u4", "u2"]
+    for i, user in enumerate(users):  # all in the first hour, minutes apart
+        attrs = {"feature": f"f{i}", "env": "prod" if i < 3 else "dev"}
+        state.apply(i, f"c{i}".encode(), response(f"c{i}", T0 + i * 60_000, "acme", user, attrs))
+    hour = {k: t.requests for k, t in state.buckets.items() if k.window_ms == HOUR_MS}
+    by_user = Counter[str]()
+    for k, n in hour.items():
+        by_user[k.user] += n
+    assert by_user == {"u1": 2, "u2": 2, "other": 2}
+    features = Counter(dict(k.attributes)["feature"] for k in hour for _ in range(hour[k]))
+    assert features == {"f0": 1, "f1": 1, "other": 4}
+    assert state.capped == {"user": 2, "attr.feature": 4, "attr.env": 3}
+    # each minute bucket carries its hour's decision
+    minute_users = Counter[str]()
+    for k, t in state.buckets.items():
+        if k.window_ms == 60_000:
+            minute_users[k.user] += t.requests
+    assert minute_users == by_user
+    assert {(h, d) for h, d in state.cap_reached} == {
+        (T0, "user"),
+        (T0, "attr.feature"),
+        (T0, "attr.env"),
+    }
+    # a new hour admits anew; the closed hour's admissions are gone with its buckets
+    late = T0 + 2 * HOUR_MS
+    state.apply(10, b"n", response("n", late, "acme", "u3", {"feature": "f9"}), late)
+    state.drain()
+    state.apply(11, b"m", response("m", late + 1, "acme", "u4", {"feature": "f9"}), late)
+    users_now = {k.user for k in state.buckets if k.window_start_ms == late}
+    assert users_now == {"u3", "u4"}
+    assert T0 not in state._admitted
+
+
+def test_a_bucket_without_user_or_attributes_keeps_its_record_key() -> None:
+    from topics import UsageKey
+
+    plain = UsageKey(
+        window_start_ms=T0, window_ms=60_000, tenant="a", model="m", provider="p", status="s"
+    )
+    assert plain.record_key(3) == f"{T0}|60000|a|m|p|s|on-time|3"
+    labelled = plain.model_copy(update={"user": "x|3", "attributes": (("env", "a%b"),)})
+    assert labelled.record_key(3) == f"{T0}|60000|a|m|p|s|on-time|u=x%7C3|a.env=a%25b|3"
+    again = UsageKey.model_validate_json(labelled.model_dump_json())
+    assert again == labelled
+    assert '"attributes":{"env":"a%b"}' in labelled.model_dump_json()

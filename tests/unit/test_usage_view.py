@@ -159,7 +159,7 @@ def test_rows_are_what_the_rollup_model_gives() -> None:
     want = result(r.key, totals).model_dump(
         exclude={"source_partition", "source_offset", "as_of_offset", "final"}
     )
-    assert _row(T0, MIN, ("acme", "m", "p", "complete", "False"), totals) == want
+    assert _row(T0, MIN, ("acme", "m", "p", "complete", "unknown", "False"), totals) == want
 
 
 def test_a_total_from_an_older_state_never_replaces_a_newer_one() -> None:

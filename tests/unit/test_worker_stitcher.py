@@ -315,3 +315,57 @@ async def test_idle_reason_and_missing_chunks_agree_when_the_last_chunk_never_ca
     meta = json.loads(value or b"")["chunkstitch"]
     assert "1 of 21 chunks never arrived" in meta["reason"]
     assert meta["missing_chunks"] == 1
+
+
+async def test_user_and_allowlisted_attributes_reach_the_response_bad_labels_are_ignored() -> None:
+    from processor import metrics
+
+    settings = Settings(idle_timeout_s=5, usage_grace_s=1, usage_attributes="feature,env:5")
+    send = FakeSend()
+    stitcher = Stitcher(settings, send, lambda: 100.0)
+    stitcher.parts[0] = _Partition(loaded=True)
+    ignored = metrics.HEADERS_IGNORED.labels("cs-attr-*")
+    before = ignored._value.get()
+    headers = [
+        ("cs-seq", b"0"),
+        ("cs-user", "Zoë".encode()),
+        ("cs-attr-feature", b"search"),
+        ("cs-attr-secret", b"not allowlisted"),
+        ("cs-attr-env", b"bad\x01value"),
+        ("cs-attr-Bad-Name", b"x"),
+    ]
+    rec = Record("chunkstitch.chunks", 0, 0, b"c1", _chunk("hi", "stop"), headers, 1000)
+    await stitcher.handle(rec, lambda: None)
+    end = Record("chunkstitch.chunks", 0, 1, b"c1", b"", [("cs-end", b"1"), *headers[1:]], 1001)
+    await stitcher.handle(end, lambda: None)
+    await stitcher.flush()
+    assert send.on(settings.topic_deadletter) == []  # a label never dead-letters the chunk
+    ((_, value, _),) = send.on(settings.topic_responses)
+    meta = json.loads(value or b"")["chunkstitch"]
+    assert meta["status"] == "complete"
+    assert meta["user"] == "Zoë"
+    assert meta["attributes"] == {"feature": "search"}  # secret: unlisted; env: not valid
+    assert ignored._value.get() - before == 3  # once per completion: secret, env, Bad-Name
+
+
+def test_decoded_labels_and_what_is_wrong_with_them() -> None:
+    from topics._headers import LABEL_MAX_BYTES, decode_headers
+
+    meta = decode_headers(
+        [
+            ("cs-user", b"alice"),
+            ("cs-attr-env", b"prod"),
+            ("cs-attr-api_key", b"k1"),
+            ("cs-attr-feature", b""),  # empty: absent
+            ("cs-user-x", b"not a label header"),  # unknown cs-* header: ignored
+            ("cs-attr-long", b"x" * (LABEL_MAX_BYTES + 1)),
+            ("cs-attr-bin", b"\xff"),
+        ]
+    )
+    assert meta.user == "alice"
+    assert meta.attributes == (("api_key", "k1"), ("env", "prod"))
+    problems = dict(meta.ignored)
+    assert "longer than 256 bytes" in problems["cs-attr-long"]
+    assert "not valid UTF-8" in problems["cs-attr-bin"]
+    again = decode_headers(encode_headers(meta))
+    assert (again.user, again.attributes) == (meta.user, meta.attributes)
