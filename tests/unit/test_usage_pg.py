@@ -37,7 +37,7 @@ def _key(**update: object) -> UsageKey:
 
 def test_rows_refuse_what_postgresql_cannot_store() -> None:
     row = row_of(result(_key(), UsageTotals(requests=2), 3), 1, 42)
-    assert row[:10] == (60_000, 60_000, "t", "m", "p", "complete", False, 3, -1, 2)
+    assert row[:12] == (60_000, 60_000, "t", "m", "p", "complete", False, 3, -1, "unknown", "{}", 2)
     assert row[-3:] == (False, 1, 42)
     with pytest.raises(InvalidRollup, match="NUL"):
         row_of(result(_key(tenant="a\x00"), UsageTotals(), 0), 0, 0)
