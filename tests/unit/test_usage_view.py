@@ -170,3 +170,36 @@ def test_a_total_from_an_older_state_never_replaces_a_newer_one() -> None:
     view.apply(key, older.model_copy(update={"as_of_offset": 80}))  # a zombie's late write
     page = view.query(UsageQuery.parse({"window": "1m", "by": "tenant"}, now_ms=NOW))
     assert requests(page) == [(T0, "acme", 9)]
+
+
+def test_group_and_filter_by_user_and_attributes() -> None:
+    view = UsageView(minute_keep_ms=HOUR, key_keep_ms=HOUR)
+    _, base = rollup(T0, 1)
+    for i, (user, feature, n) in enumerate(
+        [("alice", "chat", 2), ("bob", "chat", 3), ("alice", None, 5), ("unknown", "x", 7)]
+    ):
+        attrs = {"feature": feature} if feature else {}
+        key = base.key.model_copy(update={"user": user, "attributes": tuple(attrs.items())})
+        r = base.model_copy(
+            update={"key": key, "totals": base.totals.model_copy(update={"requests": n})}
+        )
+        view.apply(key.record_key(0) + str(i), r)
+
+    def q(**params: str) -> dict[tuple[str, str], int]:
+        page = view.query(UsageQuery.parse({"window": "1m", **params}, now_ms=NOW))
+        return {
+            (r["key"]["user"], r["key"]["attributes"].get("feature", "-")): r["totals"]["requests"]
+            for r in page["rows"]
+        }
+
+    assert q(by="user") == {("alice", "-"): 7, ("bob", "-"): 3, ("unknown", "-"): 7}
+    assert q(by="attr.feature") == {("*", "chat"): 5, ("*", "unknown"): 5, ("*", "x"): 7}
+    assert q(by="user,attr.feature", user="alice") == {
+        ("alice", "chat"): 2,
+        ("alice", "unknown"): 5,
+    }
+    assert q(by="user", **{"attr.feature": "chat"}) == {("alice", "-"): 2, ("bob", "-"): 3}
+    with pytest.raises(QueryError, match="attribute name"):
+        UsageQuery.parse({"by": "attr.Bad"}, now_ms=NOW)
+    with pytest.raises(QueryError, match="cannot group by"):
+        UsageQuery.parse({"by": "users"}, now_ms=NOW)
