@@ -173,12 +173,18 @@ async def test_library_publish_and_consume_match_assemble(worker_env: dict[str, 
     # ... and the rollups group by them (/usage on the worker)
     import httpx
 
-    port = worker_env["CHUNKSTITCH_WEB_PORT"]
+    port = worker_env["CHUNKSTITCH_USAGE_PORT"]  # /usage has its own server and port
     url = f"http://127.0.0.1:{port}/usage?window=1d&by=user,attr.feature"
     rows: list[dict[str, Any]] = []
     async with httpx.AsyncClient(timeout=10) as client:
         for _ in range(240):  # until the read model has the three completions (or 60 s)
-            rows = (await client.get(url)).json()["rows"]
+            try:
+                response = await client.get(url)
+            except httpx.ConnectError:  # the usage server is still starting
+                await asyncio.sleep(0.25)
+                continue
+            if response.status_code == 200:
+                rows = response.json()["rows"]
             if sum(r["totals"]["requests"] for r in rows) >= 3:
                 break
             await asyncio.sleep(0.25)
