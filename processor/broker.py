@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from processor._procs import terminate
+
 __all__ = ["BrokerError", "EmbeddedBroker", "free_port"]
 
 
@@ -131,13 +133,8 @@ class EmbeddedBroker:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        if proc is not None:
+            terminate(proc)
         if self._log not in (None, subprocess.DEVNULL):
             with contextlib.suppress(Exception):
                 self._log.close()  # type: ignore[attr-defined]

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from processor._procs import terminate
 from processor.logs import configure_logging, get_logger
 from processor.pricing import PRICE_DATA
 from processor.settings import Settings
@@ -331,14 +332,8 @@ class ServiceProcess:
     def stop(self) -> None:
         self._stopping = True
         proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        if proc is not None:
+            terminate(proc)
 
 
 def start_service(settings: Settings) -> Service:
