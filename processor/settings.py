@@ -55,7 +55,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Consumer group session timeout (short on the embedded broker).",
     )
-    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    heartbeat_interval_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Consumer group heartbeat interval. 0 (the default): a third of the "
+        "membership lease (session_timeout_s x lease_fraction), at most 1 s. A heartbeat "
+        "renews the lease, so an explicit value must be at most half of it.",
+    )
     commit_interval_s: float = Field(default=1.0, gt=0)
     batch_max: int = Field(
         default=2000,
@@ -323,6 +329,20 @@ class Settings(BaseSettings):
         for host in hosts:
             _check_host_port(host, f"entry {host!r}: " if len(hosts) > 1 else "")
         return ",".join(hosts)
+
+    @model_validator(mode="after")
+    def _heartbeats_renew_the_lease(self) -> Settings:
+        lease = self.session_timeout_s * self.lease_fraction
+        if self.heartbeat_interval_s == 0:
+            self.heartbeat_interval_s = round(min(1.0, lease / 3), 3)
+        elif self.heartbeat_interval_s > lease / 2:
+            raise ValueError(
+                f"CHUNKSTITCH_HEARTBEAT_INTERVAL_S ({self.heartbeat_interval_s:g}) must be at "
+                f"most half the membership lease ({lease:g}s = CHUNKSTITCH_SESSION_TIMEOUT_S x "
+                "CHUNKSTITCH_LEASE_FRACTION): slower heartbeats let the lease lapse between "
+                "renewals and pause every output; lower it, or leave it unset (derived)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _ledger_outlives_streams(self) -> Settings:

@@ -48,7 +48,7 @@ from processor.usage._state import PartitionUsage
 from processor.worker._supervise import supervisor
 from topics import ChatCompletion, UsageCheckpoint
 
-__all__ = ["load_checkpoint", "may_publish", "register"]
+__all__ = ["lease_renewed", "load_checkpoint", "may_publish", "register"]
 
 log = get_logger("chunkstitch.usage")
 
@@ -301,6 +301,9 @@ def register(app: faust.App, settings: Settings) -> None:
     @app.timer(settings.rollup_interval_s)  # type: ignore[untyped-decorator,unused-ignore]
     @sup.guard("usage publisher")
     async def publish_rollups() -> None:
+        # A lapse between two heartbeats is short; this timer and the heartbeats run at
+        # similar periods, so skipping the turn could skip every turn for a long while.
+        await lease_renewed(lease, within_s=settings.rollup_interval_s)
         await flush(list(parts.values()))
         metrics.USAGE_OPEN_BUCKETS.set(sum(len(s.buckets) for s in parts.values()))
         metrics.USAGE_DEDUP_IDS.set(sum(s.horizon_size for s in parts.values()))
@@ -346,6 +349,19 @@ def register(app: faust.App, settings: Settings) -> None:
             await service.wait_failed()
         finally:
             service.stop()
+
+
+async def lease_renewed(lease: Any, *, within_s: float, poll_s: float = 0.01) -> bool:
+    """Whether ``lease`` is valid now or becomes valid within ``within_s`` (it is renewed
+    from faust's consumer thread, another event loop: polled)."""
+    if lease is None or lease.valid():
+        return True
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        await asyncio.sleep(poll_s)
+        if lease.valid():
+            return True
+    return False
 
 
 def may_publish(lease: Any, *, revoking: bool = False) -> bool:

@@ -273,17 +273,16 @@ class ServiceThread:
         try:
             asyncio.run(self.service.run(self._stop))
         except UsageServerFailed as exc:
-            self._ended.set_exception(exc)
+            _settle(self._ended, exc=exc)
             return
         except BaseException as exc:
-            self._ended.set_exception(
-                UsageServerFailed(f"the usage server thread died ({type(exc).__name__}: {exc})")
-            )
+            why = f"the usage server thread died ({type(exc).__name__}: {exc})"
+            _settle(self._ended, exc=UsageServerFailed(why))
             return
         if self._stop.is_set():
-            self._ended.set_result(None)
+            _settle(self._ended)
         else:
-            self._ended.set_exception(UsageServerFailed("the usage server thread ended"))
+            _settle(self._ended, exc=UsageServerFailed("the usage server thread ended"))
 
     async def wait_failed(self) -> None:
         await asyncio.wrap_future(self._ended)
@@ -317,7 +316,7 @@ class ServiceProcess:
 
     def _watch(self) -> None:
         assert self.proc is not None
-        self._ended.set_result(self.proc.wait())
+        _settle(self._ended, self.proc.wait())
 
     async def wait_failed(self) -> None:
         code = await asyncio.wrap_future(self._ended)
@@ -336,6 +335,19 @@ class ServiceProcess:
             terminate(proc)
 
 
+def _settle(
+    future: concurrent.futures.Future[Any], result: Any = None, exc: BaseException | None = None
+) -> None:
+    """Complete ``future`` unless it is done already (cancelled: nobody waits for it)."""
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
 def start_service(settings: Settings) -> Service:
     """The configured kind (``CHUNKSTITCH_USAGE_SERVER``), not started yet."""
     if settings.usage_server == "thread":
@@ -352,7 +364,10 @@ def _main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the worker stops it
 
     def parent_gone() -> None:
-        sys.stdin.buffer.read()  # EOF: the worker closed the pipe or died
+        # EOF: the worker closed the pipe or died. os.read, not sys.stdin: a daemon
+        # thread blocked in a buffered read aborts the interpreter's shutdown.
+        while os.read(0, 4096):
+            pass
         stop.set()
 
     threading.Thread(target=parent_gone, name="usage-server-parent", daemon=True).start()
