@@ -189,8 +189,12 @@ class UsageService:
                 else self.view.hour_keep_ms
             )
             since[tp] = max(now - keep - min(keep, HOUR_MS), 0)
-        found = await consumer.offsets_for_times(since)
+        # The ends first: a rollup written between the two answers is then read, never
+        # skipped (asked the other way round, "nothing that new" followed by an end that
+        # already counts the new records dropped the first rollups of a starting worker).
+        # On the embedded broker the end is short of the true one: more is read, no less.
         ends = await consumer.end_offsets(parts)
+        found = await consumer.offsets_for_times(since)
         for tp in parts:
             hit = found.get(tp)
             if hit is None or hit.timestamp < 0:

@@ -1,18 +1,21 @@
 """The usage server on the real broker: it starts after rollups were published and still
-reads every one of them (a start offset from a wrong ListOffsets answer once made it
-skip them, so /usage missed the first completions of a worker)."""
+reads every one of them, and rollups written while it seeks its start are read too (asking
+for the end after "nothing that new" once skipped them: /usage missed the first
+completions of a worker)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from processor.core import result
-from processor.usage._serve import ServiceThread
+from processor.usage._serve import ServiceThread, UsageService
+from processor.usage._view import UsageQuery, _partitions
 from tests.helpers.worker import isolated_settings, make_topics
 from topics import UsageKey, UsageTotals
 
@@ -87,3 +90,61 @@ async def test_a_late_starting_usage_server_reads_the_rollups_already_written(
         service.stop()
     assert minutes == {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5}
     assert {r["key"]["tenant"]: r["totals"]["requests"] for r in hours} == {"a": 7}
+
+
+class _WritesWhileAsked:
+    """A real consumer whose ``offsets_for_times`` answer is followed by new rollups
+    before the caller goes on: the interleaving of a worker's first publish with its
+    usage server's start."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, write: Any) -> None:
+        self._consumer = consumer
+        self._write = write
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+    async def offsets_for_times(self, since: dict[Any, int]) -> Any:
+        answer = await self._consumer.offsets_for_times(since)
+        await self._write()
+        return answer
+
+
+async def test_rollups_written_while_the_view_seeks_are_read(broker: str, tmp_path: Path) -> None:
+    settings = isolated_settings(broker, tmp_path, partitions=2)
+    await make_topics(settings)
+    minute = int(time.time() * 1000) // MIN * MIN
+    producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all", linger_ms=20)
+    await producer.start()
+
+    async def write() -> None:  # a batch of two on partition 0, a single one on 1
+        acks = [
+            await producer.send(settings.topic_rollups, v, key=k, partition=p)
+            for k, v, p in (
+                (*_record(minute, MIN, "a", 0, 1), 0),
+                (*_record(minute, MIN, "b", 0, 2), 0),
+                (*_record(minute, MIN, "c", 1, 3), 1),
+            )
+        ]
+        await asyncio.gather(*acks)
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = _partitions(settings)
+        consumer.assign(parts)
+        service = UsageService(settings)
+        await service._seek_to_period(_WritesWhileAsked(consumer, write), parts)
+        view = service.view
+        for _ in range(50):
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                view.apply_records((r.key, r.value) for r in records)
+            if view.records >= 3:
+                break
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    query = UsageQuery.parse({"window": "1m", "by": "tenant"})
+    got = {r["key"]["tenant"]: r["totals"]["requests"] for r in view.query(query)["rows"]}
+    assert got == {"a": 1, "b": 2, "c": 3}
