@@ -183,15 +183,20 @@ class ResponseWaiter:
             count = self._active.get(partition, 0)
             self._active[partition] = count + 1
             since_ms = _epoch_ms(since)
-            offset = None
+            offset = end = None
             if since_ms is not None:
+                # the end first: a response written between the two answers is then read
+                end = (await self._consumer.end_offsets([tp]))[tp]
                 found = await self._consumer.offsets_for_times({tp: since_ms})
                 hit = found.get(tp)
-                offset = hit.offset if hit is not None else None
+                if hit is not None and hit.timestamp >= 0:
+                    offset = hit.offset
             if count == 0:
                 # an idle partition starts at its end ("now"), or at ``since``
                 if offset is not None:
                     self._consumer.seek(tp, offset)
+                elif end is not None:  # nothing since then: from the end taken before
+                    self._consumer.seek(tp, end)
                 else:
                     await self._consumer.seek_to_end(tp)
             elif offset is not None:
