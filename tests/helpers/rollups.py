@@ -18,9 +18,35 @@ from processor.kafka import read_to_end
 from processor.settings import Settings
 from topics import UsageKey, UsageRollup, UsageTotals
 
-__all__ = ["DIMENSIONS", "aggregate", "read_rollups"]
+__all__ = ["DIMENSIONS", "aggregate", "read_rollups", "rollup"]
 
 DIMENSIONS = ("tenant", "model", "provider", "status")
+MIN = WINDOWS_MS["1m"]
+
+
+def rollup(
+    start: int,
+    requests: int,
+    *,
+    tenant: str = "acme",
+    size: int = MIN,
+    partition: int = 0,
+    late: bool = False,
+    offset: int | None = None,
+) -> tuple[str, UsageRollup]:
+    """A rollup record (its record key and value) of ``requests`` complete requests."""
+    key = UsageKey(
+        window_start_ms=start,
+        window_ms=size,
+        tenant=tenant,
+        model="m",
+        provider="p",
+        status="complete",
+        late=late,
+    )
+    r = result(key, UsageTotals(requests=requests, complete=requests), partition)
+    r = r.model_copy(update={"source_offset": offset})
+    return key.record_key(partition, offset), r
 
 
 async def read_rollups(settings: Settings) -> list[UsageRollup]:

@@ -13,27 +13,18 @@ from typing import Any
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from processor.core import result
 from processor.usage._serve import ServiceThread, UsageService
 from processor.usage._view import UsageQuery, _partitions
+from tests.helpers.rollups import rollup
 from tests.helpers.worker import isolated_settings, make_topics
-from topics import UsageKey, UsageTotals
 
 MIN = 60_000
 HOUR = 3_600_000
 
 
 def _record(start: int, size: int, tenant: str, partition: int, n: int) -> tuple[bytes, bytes]:
-    key = UsageKey(
-        window_start_ms=start,
-        window_ms=size,
-        tenant=tenant,
-        model="m",
-        provider="p",
-        status="complete",
-    )
-    rollup = result(key, UsageTotals(requests=n, complete=n), partition)
-    return key.record_key(partition, None).encode(), rollup.model_dump_json().encode()
+    key, value = rollup(start, n, tenant=tenant, size=size, partition=partition)
+    return key.encode(), value.model_dump_json().encode()
 
 
 async def test_a_late_starting_usage_server_reads_the_rollups_already_written(

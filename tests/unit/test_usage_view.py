@@ -8,36 +8,12 @@ import pytest
 
 from processor.core import result
 from processor.usage import QueryError, UsageQuery, UsageView, window_label
-from topics import UsageKey, UsageRollup, UsageTotals
+from tests.helpers.rollups import rollup
 
 MIN = 60_000
 HOUR = 3_600_000
 T0 = 1_760_000_000_000 // HOUR * HOUR
 NOW = T0 + 10 * HOUR
-
-
-def rollup(
-    start: int,
-    requests: int,
-    *,
-    tenant: str = "acme",
-    size: int = MIN,
-    partition: int = 0,
-    late: bool = False,
-    offset: int | None = None,
-) -> tuple[str, UsageRollup]:
-    key = UsageKey(
-        window_start_ms=start,
-        window_ms=size,
-        tenant=tenant,
-        model="m",
-        provider="p",
-        status="complete",
-        late=late,
-    )
-    r = result(key, UsageTotals(requests=requests, complete=requests), partition)
-    r = r.model_copy(update={"source_offset": offset})
-    return key.record_key(partition, offset), r
 
 
 def requests(page: dict[str, object]) -> list[tuple[int, str, int]]:
