@@ -27,7 +27,7 @@ from processor import metrics
 from processor.core import event_time_ms
 from topics import ChatCompletion
 
-__all__ = ["PRICE_DATA", "Estimate", "costs", "estimate"]
+__all__ = ["PRICE_DATA", "Estimate", "costs", "estimate", "preload"]
 
 PRICE_DATA = f"genai-prices {version('genai-prices')}"
 """Which price data the estimates come from (the installed package's bundled snapshot)."""
@@ -127,7 +127,13 @@ def _load() -> None:
     _lookup("gpt-4o-mini", "openai")
 
 
-# The price data takes about a second to import: load it in the background as soon as the
-# worker imports this module, not on its first completion.
-threading.Thread(target=_load, name="chunkstitch-price-data", daemon=True).start()
+def preload() -> None:
+    """Load the price data in the background (it takes about a second to import), so the
+    worker's first completion does not wait for it. Called by the worker at start-up,
+    never at import: a command that only needs ``PRICE_DATA`` starts no thread. Not a
+    daemon thread: one still inside the price data's (Rust) validation when a short-lived
+    process exits aborts the interpreter ("FATAL: exception not rethrown")."""
+    threading.Thread(target=_load, name="chunkstitch-price-data").start()
+
+
 metrics.PRICE_DATA.labels(PRICE_DATA).set(1)

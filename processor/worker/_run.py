@@ -117,7 +117,10 @@ def run_worker(settings: Settings) -> None:
 
     import faust
 
+    from processor import pricing
     from processor.worker._app import create_app
+
+    pricing.preload()  # the price data, meanwhile (the first completion would wait for it)
 
     app = create_app(settings)
     _announce_ready(app, settings)

@@ -121,3 +121,21 @@ def test_the_price_data_version_is_exposed() -> None:
         "chunkstitch_price_data_info", {"version": PRICE_DATA}
     )
     assert sample == 1
+
+
+def test_importing_the_price_data_starts_no_thread() -> None:
+    """A short-lived command (``chunkstitch usage``) that exits while a daemon thread is
+    still inside the price data's validation aborts ("FATAL: exception not rethrown",
+    exit -6, about one run in five): only the worker preloads it, in a thread that the
+    interpreter waits for."""
+    import subprocess
+    import sys
+
+    code = (
+        "import threading, processor.pricing, processor.usage, processor.cli; "
+        "print(sorted(t.name for t in threading.enumerate()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "['MainThread']", out.stdout
