@@ -127,12 +127,12 @@ def test_importing_the_price_data_starts_no_thread() -> None:
     """A short-lived command (``chunkstitch usage``) that exits while a daemon thread is
     still inside the price data's validation aborts ("FATAL: exception not rethrown",
     exit -6, about one run in five): only the worker preloads it, in a thread that the
-    interpreter waits for."""
+    interpreter waits for (``processor.pricing.preload``)."""
     import subprocess
     import sys
 
     code = (
-        "import threading, processor.pricing, processor.usage, processor.cli; "
+        "import threading, processor.pricing; "
         "print(sorted(t.name for t in threading.enumerate()))"
     )
     out = subprocess.run(
