@@ -132,8 +132,7 @@ def test_importing_the_price_data_starts_no_thread() -> None:
     import sys
 
     code = (
-        "import threading, processor.pricing; "
-        "print(sorted(t.name for t in threading.enumerate()))"
+        "import threading, processor.pricing; print(sorted(t.name for t in threading.enumerate()))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
