@@ -374,6 +374,8 @@ def _main() -> None:
     """The child process: serve until SIGTERM or until the worker goes away."""
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
+    if settings.usage_server_nice:
+        os.nice(settings.usage_server_nice)  # before any thread: they inherit it
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the worker stops it
