@@ -180,6 +180,8 @@ class Trial:
 
     @property
     def p(self) -> dict[str, float]:
+        if not self.lat:  # not one response arrived: the round is void
+            return {"p50_ms": float("inf"), "p99_ms": float("inf"), "samples": 0}
         return _percentiles(self.lat)
 
 
