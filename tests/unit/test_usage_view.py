@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from processor.core import combine, percentile, result
 from processor.usage import QueryError, UsageQuery, UsageView, window_label
 from tests.helpers.rollups import rollup
+from topics import UsageKey, UsageTotals
 
 MIN = 60_000
 HOUR = 3_600_000
