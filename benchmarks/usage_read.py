@@ -7,6 +7,21 @@ measured as in ``./dev bench e2e``), in alternating trials: quiet, then with bur
 measuring process is not slowed by it), repeated. The broker slows as its store grows,
 so the trials alternate and the ratio is taken between neighbours.
 
+To tell CPU contention from anything else, every trial reports the CPU seconds that the
+worker, its usage server process, the broker, the load generator, this measuring process
+and everything else on the machine used meanwhile. ``--pin`` puts the measurer, the
+broker and the worker on CPU 0 and the usage server and the load generator on CPU 1
+(``sched_setaffinity`` on every thread, as ``taskset -a -p`` does), so the requests cannot
+take the stitcher's core. ``--nice N`` adds a third trial per round: loaded, with the
+usage server at niceness N (every thread, ``setpriority``), the other loaded trial at 0;
+the two loaded kinds swap order every round.
+
+Every round is printed as it ends. A round in which some response had not arrived 60 s
+after the last send is void and ends the run (the worker fell behind; the CPU columns say
+on what). The summary gives the ratios over every round and over the clean ones, where
+the rest of the machine (other people's jobs) used at most ``--other-max`` cores during
+each trial, and the p99 of all quiet samples against all loaded ones (pooled).
+
 Target (issue 13): the loaded p99 at most 1.10 x the quiet p99.
 """
 
@@ -14,17 +29,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from benchmarks.e2e import (
+    _cpu_s,
     _http_ready,
     _percentiles,
     _records,
@@ -40,20 +60,23 @@ from processor.broker import EmbeddedBroker, free_port
 from processor.settings import Settings
 
 LOAD = """
-import asyncio, sys, time
+import asyncio, json, resource, sys, time
 import aiohttp
 async def main(port, burst, seconds):
     paths = ["/usage?window=1d&by=tenant", "/usage?window=1h&by=tenant,model&limit=200",
              "/usage?window=1m&by=tenant&since=3h&limit=100"]
     done = failed = 0
+    took = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=burst)) as s:
         async def one(i):
             nonlocal done, failed
+            t0 = time.monotonic()
             try:
                 async with s.get(f"http://127.0.0.1:{port}{paths[i % 3]}") as r:
                     await r.read()
                     done += r.status == 200
                     failed += r.status != 200
+                    took.append(time.monotonic() - t0)
             except Exception:
                 failed += 1
         end = time.monotonic() + seconds
@@ -61,17 +84,113 @@ async def main(port, burst, seconds):
             t = time.monotonic()
             await asyncio.gather(*(one(i) for i in range(burst)))
             await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - t)))
-    print(done, failed, flush=True)
+    took.sort()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({
+        "ok": done, "failed": failed, "cpu_s": ru.ru_utime + ru.ru_stime,
+        "p50_ms": took[len(took) // 2] * 1000 if took else 0.0,
+        "p99_ms": took[min(int(len(took) * 0.99), len(took) - 1)] * 1000 if took else 0.0,
+    }), flush=True)
 asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])))
 """
 
+ROLES = ("worker", "usage", "broker", "measurer", "load", "other")
+
+
+def _tids(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return []
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _usage_pid(worker: int, timeout_s: float = 30.0) -> int:
+    """The worker's usage server process (``python -m processor.usage``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for pid in _children(worker):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"processor.usage" in cmd:
+                return pid
+        time.sleep(0.1)
+    raise RuntimeError(
+        f"no usage server process under worker {worker} after {timeout_s:.0f}s; "
+        "run with CHUNKSTITCH_USAGE_SERVER=process (the default) and see the worker log"
+    )
+
+
+def _pin(pid: int, cpu: int) -> None:
+    """Every thread of ``pid`` on ``cpu`` (threads started later inherit it)."""
+    for tid in _tids(pid):
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+            os.sched_setaffinity(tid, {cpu})
+
+
+def _renice(pid: int, nice: int) -> None:
+    """Every thread of ``pid`` at niceness ``nice`` (Linux niceness is per thread)."""
+    for tid in _tids(pid):
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            raise SystemExit(
+                f"cannot set niceness {nice} on the usage server (thread {tid}): lowering it "
+                "needs root or CAP_SYS_NICE; run as root or leave out --nice"
+            ) from None
+
+
+def _busy_s() -> float:
+    """CPU seconds the whole machine spent busy so far (all CPUs, /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Trial:
+    kind: str
+    lat: list[float]
+    wall_s: float
+    cpu: dict[str, float]
+    load: dict[str, Any] = field(default_factory=dict)
+    missing: int = 0
+    """Completions whose response had not arrived 60 s after the last send."""
+
+    @property
+    def other_cores(self) -> float:
+        """What the rest of the machine used meanwhile, in cores."""
+        return self.cpu["other"] / self.wall_s
+
+    @property
+    def p(self) -> dict[str, float]:
+        if not self.lat:  # not one response arrived: the round is void
+            return {"p50_ms": float("inf"), "p99_ms": float("inf"), "samples": 0}
+        return _percentiles(self.lat)
+
 
 async def _paced_latency(
-    settings: Settings, rate: float, seconds: float, *, markers_out: bool, seed: int
-) -> list[float]:
+    settings: Settings, rate: float, seconds: float, seed: int
+) -> tuple[list[float], int]:
     """As ``./dev bench e2e`` measures it (end marker sent -> response arrived), but the
-    reader starts at the end of the responses topic, after the history."""
-    del markers_out
+    reader starts at the end of the responses topic, after the history. Also how many
+    responses had not arrived 60 s after the last send."""
     n_streams = max(int(rate * seconds / 21), 10)
     records: list[Any] = _records(n_streams, 20, seed=seed)
     sent_at: dict[bytes, float] = {}
@@ -110,27 +229,142 @@ async def _paced_latency(
     await p.stop()
     try:
         await asyncio.wait_for(task, timeout=60)
+    except TimeoutError:
+        pass  # reported as missing: the worker fell behind
     finally:
         await c.stop()
-    return [max(arrived_at[k] - sent_at[k], 0.0) for k in sent_at if k in arrived_at]
+    lat = [max(arrived_at[k] - sent_at[k], 0.0) for k in sent_at if k in arrived_at]
+    return lat, len(sent_at) - len(lat)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, settings: Settings, pids: dict[str, int]) -> None:
+        self.args = args
+        self.settings = settings
+        self.pids = pids
+
+    def _cpu(self) -> dict[str, float]:
+        out = {role: _cpu_s(pid) for role, pid in self.pids.items()}
+        out["measurer"] = time.process_time()
+        out["busy"] = _busy_s()
+        return out
+
+    def trial(self, kind: str, seed: int, nice: int | None) -> Trial:
+        args = self.args
+        if args.pin:  # threads started since the last trial
+            for role, cpu in (("worker", 0), ("broker", 0), ("usage", 1)):
+                _pin(self.pids[role], cpu)
+            _pin(os.getpid(), 0)
+        if nice is not None:
+            _renice(self.pids["usage"], nice)
+        load = None
+        if kind != "quiet":
+            cmd = [
+                sys.executable,
+                "-c",
+                LOAD,
+                str(self.settings.usage_port),
+                str(args.burst),
+                str(args.seconds + 2),
+            ]
+            if args.pin:
+                cmd = ["taskset", "-c", "1", *cmd]
+            load = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        before, t0 = self._cpu(), time.monotonic()
+        lat, missing = asyncio.run(_paced_latency(self.settings, args.rate, args.seconds, seed))
+        after, wall = self._cpu(), time.monotonic() - t0
+        cpu = {role: after[role] - before[role] for role in after}
+        info: dict[str, Any] = {}
+        if load is not None:
+            out, _ = load.communicate(timeout=60)
+            info = json.loads(out)
+            # the load process's whole life (it starts just before the trial, ends ~2 s after)
+            cpu["load"] = float(info["cpu_s"])
+        else:
+            cpu["load"] = 0.0
+        ours = sum(cpu[r] for r in ("worker", "usage", "broker", "measurer"))
+        cpu["other"] = max(cpu.pop("busy") - ours - cpu["load"], 0.0)
+        return Trial(kind, lat, wall, cpu, info, missing)
+
+
+def _line(label: str, t: Trial, quiet: Trial | None) -> str:
+    p = t.p
+    text = f"  {label:<11} p50 {p['p50_ms']:6.1f} p99 {p['p99_ms']:7.1f} ms (n={p['samples']})"
+    if quiet is not None:
+        text += f" ratio {p['p99_ms'] / quiet.p['p99_ms']:.2f}"
+    else:
+        text += " " * 11
+    cpu = " ".join(f"{r} {t.cpu[r]:.1f}" for r in ROLES)
+    text += f" | CPU s in {t.wall_s:.0f}s: {cpu}"
+    if t.missing:
+        text += f" | {t.missing} missing"
+    if t.load:
+        text += (
+            f" | /usage {t.load['ok']} ok {t.load['failed']} failed, "
+            f"p50 {t.load['p50_ms']:.0f} p99 {t.load['p99_ms']:.0f} ms"
+        )
+    return text
+
+
+def _spread(ratios: list[float]) -> str:
+    return (
+        f"median {statistics.median(ratios):.2f} (min {min(ratios):.2f}, "
+        f"max {max(ratios):.2f}, {len(ratios)} pairs)"
+    )
+
+
+def _pooled(trials: list[Trial]) -> float:
+    return _percentiles([x for t in trials for x in t.lat])["p99_ms"]
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks usage_read")
     parser.add_argument("--rate", type=float, default=600.0, help="stitching records/s")
-    parser.add_argument("--seconds", type=float, default=8.0, help="per trial")
-    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=20.0, help="per trial")
+    parser.add_argument("--pairs", type=int, default=6, help="rounds of quiet + loaded")
     parser.add_argument("--burst", type=int, default=200)
     parser.add_argument("--history", type=int, default=20_000, help="completions of history")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="measurer, broker and worker on CPU 0; usage server and load generator on CPU 1",
+    )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a third trial per round: loaded, the usage server at niceness N (others at 0)",
+    )
+    parser.add_argument(
+        "--other-max",
+        type=float,
+        default=0.25,
+        metavar="CORES",
+        help="a round is clean if the rest of the machine used at most this meanwhile",
+    )
+    parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args(argv)
+    if args.pin and not {0, 1} <= os.sched_getaffinity(0):
+        raise SystemExit("--pin needs CPUs 0 and 1 available to this process; leave out --pin")
+    extra = dict(kv.split("=", 1) for kv in args.worker_env)
+    loaded_kinds = ["loaded"] if args.nice is None else ["loaded", f"loaded+n{args.nice}"]
+    print(
+        f"usage_read: {args.pairs} rounds of {1 + len(loaded_kinds)} trials x {args.seconds:.0f} s "
+        f"at {args.rate:.0f} records/s, bursts of {args.burst} /usage per second, "
+        f"{'pinned' if args.pin else 'not pinned'} ({os.cpu_count()} CPUs)",
+        flush=True,
+    )
+    rounds: list[dict[str, Trial]] = []
     with tempfile.TemporaryDirectory(prefix="cs-usage-read-") as tmp_s:
         tmp = Path(tmp_s)
         with EmbeddedBroker() as broker:
             settings = _settings(broker.bootstrap, tmp, web_port=free_port())
             asyncio.run(create_topics(settings))
-            proc = _worker(settings, tmp / "worker.log")
+            proc = _worker(settings, tmp / "worker.log", extra)
             try:
                 _wait_ready(_http_ready(settings.web_port), proc)
+                print(f"publishing {args.history:,} completions of history", flush=True)
                 asyncio.run(
                     _publish(
                         broker.bootstrap,
@@ -139,50 +373,68 @@ def main(argv: list[str]) -> None:
                     )
                 )
                 asyncio.run(asyncio.sleep(10))  # history stitched, folded and in the view
-                rows = []
-                for pair in range(args.pairs):
-                    quiet = _percentiles(
-                        asyncio.run(
-                            _paced_latency(
-                                settings, args.rate, args.seconds, markers_out=False, seed=pair
-                            )
+                assert broker._proc is not None
+                pids = {
+                    "worker": proc.pid,
+                    "usage": _usage_pid(proc.pid),
+                    "broker": broker._proc.pid,
+                }
+                bench = Bench(args, settings, pids)
+                base_nice = 0 if args.nice is not None else None
+                warm = bench.trial("quiet", 999, base_nice)  # catching up; not counted
+                print(f"warm-up (not counted): p99 {warm.p['p99_ms']:.1f} ms", flush=True)
+                for n in range(args.pairs):
+                    row = {"quiet": bench.trial("quiet", n, base_nice)}
+                    kinds = loaded_kinds if n % 2 == 0 else loaded_kinds[::-1]
+                    for i, kind in enumerate(kinds):
+                        nice = args.nice if kind != "loaded" else base_nice
+                        row[kind] = bench.trial(kind, 100 * (i + 1) + n, nice)
+                    print(f"round {n + 1}:", flush=True)
+                    print(_line("quiet", row["quiet"], None), flush=True)
+                    for kind in kinds:
+                        print(_line(kind, row[kind], row["quiet"]), flush=True)
+                    lost = sum(t.missing for t in row.values())
+                    if lost:
+                        print(
+                            f"round {n + 1} is void and the run stops: {lost} responses had "
+                            "not arrived 60 s after the last send (the worker fell behind; "
+                            "see the CPU columns)",
+                            flush=True,
                         )
-                    )
-                    load = subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-c",
-                            LOAD,
-                            str(settings.usage_port),
-                            str(args.burst),
-                            str(args.seconds + 2),
-                        ],
-                        stdout=subprocess.PIPE,
-                        text=True,
-                    )
-                    loaded = _percentiles(
-                        asyncio.run(
-                            _paced_latency(
-                                settings,
-                                args.rate,
-                                args.seconds,
-                                markers_out=False,
-                                seed=100 + pair,
-                            )
-                        )
-                    )
-                    out, _ = load.communicate(timeout=60)
-                    ok, failed = (int(x) for x in out.split())
-                    rows.append((quiet, loaded, ok, failed))
-                    print(
-                        f"pair {pair + 1}: quiet p50 {quiet['p50_ms']:.1f} p99 "
-                        f"{quiet['p99_ms']:.1f} ms | with {args.burst} concurrent /usage per "
-                        f"second ({ok} answered, {failed} failed): p50 {loaded['p50_ms']:.1f} "
-                        f"p99 {loaded['p99_ms']:.1f} ms | p99 ratio "
-                        f"{loaded['p99_ms'] / quiet['p99_ms']:.2f}",
-                        flush=True,
-                    )
+                        break
+                    rounds.append(row)
             finally:
                 _stop(proc)
-    ratio = statistics.median(loaded["p99_ms"] / quiet["p99_ms"] for quiet, loaded, _, _ in rows)
-    print(f"median p99 ratio loaded/quiet: {ratio:.2f} (target <= 1.10)")
+    _summary(rounds, loaded_kinds, args.other_max)
+
+
+def _summary(rounds: list[dict[str, Trial]], kinds: list[str], other_max: float) -> None:
+    """Ratios over every round, then over the clean ones (nothing else on the machine
+    used more than ``other_max`` cores during any of their trials), and pooled."""
+    if not rounds:
+        print("no complete round: nothing to summarise")
+        return
+    clean = [r for r in rounds if all(t.other_cores <= other_max for t in r.values())]
+    print(
+        f"summary (p99 ratio loaded/quiet, target <= 1.10); clean rounds (the rest of the "
+        f"machine <= {other_max:.2f} cores in each trial): {len(clean)} of {len(rounds)}"
+    )
+    for kind in kinds:
+        for label, rows in (("all", rounds), ("clean", clean)):
+            if not rows:
+                continue
+            ratios = [r[kind].p["p99_ms"] / r["quiet"].p["p99_ms"] for r in rows]
+            loaded = _pooled([r[kind] for r in rows])
+            quiet = _pooled([r["quiet"] for r in rows])
+            print(
+                f"  {kind} ({label}): {_spread(ratios)}; pooled p99 {loaded:.1f} vs quiet "
+                f"{quiet:.1f} ms, ratio {loaded / quiet:.2f}"
+            )
+        cpu = {role: statistics.mean(r[kind].cpu[role] for r in rounds) for role in ROLES}
+        print(f"  {kind}: mean CPU s " + " ".join(f"{r} {v:.1f}" for r, v in cpu.items()))
+    qcpu = {role: statistics.mean(r["quiet"].cpu[role] for r in rounds) for role in ROLES}
+    qp99 = [r["quiet"].p["p99_ms"] for r in rounds]
+    print(
+        f"  quiet: p99 {min(qp99):.1f}..{max(qp99):.1f} ms; mean CPU s "
+        + " ".join(f"{r} {v:.1f}" for r, v in qcpu.items())
+    )

@@ -230,6 +230,13 @@ class Settings(BaseSettings):
         description="Where /usage and the read model run: a child process of the worker "
         "(no share of its GIL) or a thread of it.",
     )
+    usage_server_nice: int = Field(
+        default=0,
+        ge=0,
+        le=19,
+        description="Niceness of the usage server process (process mode): above 0 it "
+        "yields the CPU to the stitcher when they share cores; /usage answers slower then.",
+    )
     usage_view_wait_s: float = Field(
         default=10.0, ge=0, description="/usage waits this long for the read model to catch up."
     )

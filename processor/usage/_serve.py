@@ -37,6 +37,7 @@ import threading
 import time
 from typing import Any, Protocol
 
+import orjson
 from aiohttp import web
 
 from processor._procs import terminate
@@ -134,7 +135,7 @@ class UsageService:
                 return None
             await asyncio.sleep(0.05)
             waited += 0.05
-        return json.dumps(self.view.query(query), separators=(",", ":")).encode()
+        return _encode(self.view.query(query))
 
     # --- running -------------------------------------------------------------------------
 
@@ -247,6 +248,16 @@ class UsageService:
                         )
         finally:
             await consumer.stop()
+
+
+def _encode(page: dict[str, Any]) -> bytes:
+    """A page as compact JSON: orjson (about a tenth of json.dumps' time for a page of a
+    few hundred rows, which is most of what a request costs), json where orjson refuses
+    (an integer beyond 64 bits)."""
+    try:
+        return orjson.dumps(page)
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(page, separators=(",", ":")).encode()
 
 
 class Service(Protocol):
@@ -363,6 +374,8 @@ def _main() -> None:
     """The child process: serve until SIGTERM or until the worker goes away."""
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
+    if settings.usage_server_nice:
+        os.nice(settings.usage_server_nice)  # before any thread: they inherit it
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the worker stops it

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import bisect
 import json
+import operator
 import re
 import sys
 import threading
@@ -35,12 +36,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from processor.core import WINDOWS_MS, combine, percentile, zero
+from processor.core import WINDOWS_MS, combine, zero
 from processor.logs import get_logger
 from processor.settings import Settings
 from topics import UsageRollup, UsageTotals
 from topics._headers import check_attribute_name
-from topics._usage import UNKNOWN
+from topics._usage import LATENCY_BUCKETS_MS, UNKNOWN
 
 __all__ = [
     "ALL_DIMENSIONS",
@@ -65,6 +66,12 @@ DAY_MS = WINDOWS_MS["1d"]
 MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last instant datetime can show
 _UNITS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _FIELDS = tuple(UsageTotals.model_fields)
+_HISTOGRAMS = frozenset(
+    n for n, f in UsageTotals.model_fields.items() if isinstance(f.default, tuple)
+)
+_IS_HISTOGRAM = tuple(name in _HISTOGRAMS for name in _FIELDS)
+_ALL_FIELDS = operator.attrgetter(*_FIELDS)
+_QUANTILES = (0.5, 0.95, 0.99)
 
 RowKey = tuple[str, str, str, str, str, tuple[tuple[str, str], ...], bool]
 """tenant, model, provider, status, user, attributes, late."""
@@ -234,16 +241,52 @@ def _decode_cursor(cursor: str, window: str) -> tuple[int, tuple[str, ...]]:
         ) from None
 
 
+def _quantiles(buckets: tuple[int, ...] | list[int]) -> tuple[int | None, ...]:
+    """:func:`~processor.core.percentile` at 0.5, 0.95 and 0.99 in one walk of the
+    histogram (the same bounds it gives)."""
+    total = sum(buckets)
+    if total == 0:
+        return (None, None, None)
+    last = len(LATENCY_BUCKETS_MS) - 1
+    out: list[int | None] = []
+    ranks = [q * total for q in _QUANTILES]
+    seen = 0
+    for i, count in enumerate(buckets):
+        seen += count
+        while ranks and seen >= ranks[0]:
+            out.append(LATENCY_BUCKETS_MS[min(i, last)])
+            ranks.pop(0)
+        if not ranks:
+            break
+    out.extend(LATENCY_BUCKETS_MS[-1] for _ in ranks)
+    return tuple(out)
+
+
+def _sum_totals(parts: list[UsageTotals]) -> Mapping[str, Any]:
+    """The field values of the parts added up (what :func:`~processor.core.combine` over
+    them holds), as a mapping: a query only reads them, so no model is built."""
+    if len(parts) == 1:
+        return parts[0].__dict__
+    columns = zip(*map(_ALL_FIELDS, parts), strict=True)
+    return {
+        name: tuple(sum(c) for c in zip(*column, strict=True)) if histogram else sum(column)
+        for name, histogram, column in zip(_FIELDS, _IS_HISTOGRAM, columns, strict=True)
+    }
+
+
 def _row(
     start: int,
     size: int,
     group: tuple[str, ...],
-    t: UsageTotals,
+    t: Mapping[str, Any],
     attr_names: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """What ``result(key, totals).model_dump()`` gives (minus the source fields), built
     directly: a page of rows is the only work a query does, so it stays cheap. ``group``
-    is (tenant, model, provider, status, user, one value per grouped attribute, late)."""
+    is (tenant, model, provider, status, user, one value per grouped attribute, late);
+    ``t`` the totals' field values."""
+    ttfc = _quantiles(t["ttfc_ms_buckets"])
+    duration = _quantiles(t["duration_ms_buckets"])
     return {
         "key": {
             "window_start_ms": start,
@@ -256,18 +299,18 @@ def _row(
             "user": group[4],
             "attributes": dict(zip(attr_names, group[5:-1], strict=True)),
         },
-        "totals": {name: getattr(t, name) for name in _FIELDS},
-        "ttfc_ms_p50": percentile(t.ttfc_ms_buckets, 0.5),
-        "ttfc_ms_p95": percentile(t.ttfc_ms_buckets, 0.95),
-        "ttfc_ms_p99": percentile(t.ttfc_ms_buckets, 0.99),
-        "duration_ms_p50": percentile(t.duration_ms_buckets, 0.5),
-        "duration_ms_p95": percentile(t.duration_ms_buckets, 0.95),
-        "duration_ms_p99": percentile(t.duration_ms_buckets, 0.99),
+        "totals": {name: t[name] for name in _FIELDS},
+        "ttfc_ms_p50": ttfc[0],
+        "ttfc_ms_p95": ttfc[1],
+        "ttfc_ms_p99": ttfc[2],
+        "duration_ms_p50": duration[0],
+        "duration_ms_p95": duration[1],
+        "duration_ms_p99": duration[2],
         "output_tokens_per_s": (
-            t.rate_tokens * 1000 / t.rate_duration_ms if t.rate_duration_ms else None
+            t["rate_tokens"] * 1000 / t["rate_duration_ms"] if t["rate_duration_ms"] else None
         ),
-        "cost_usd": t.cost_nano_usd / 1e9,
-        "cost_estimated_usd": t.cost_estimated_nano_usd / 1e9,
+        "cost_usd": t["cost_nano_usd"] / 1e9,
+        "cost_estimated_usd": t["cost_estimated_nano_usd"] / 1e9,
     }
 
 
@@ -458,7 +501,7 @@ class UsageView:
             for start in starts[lo:]:
                 if q.until_ms is not None and start >= q.until_ms:
                     break
-                groups: dict[tuple[str, ...], UsageTotals] = {}
+                groups: dict[tuple[str, ...], list[UsageTotals]] = {}
                 for row, totals in windows[start].items():
                     attrs = dict(row[5]) if row[5] else {}
                     if filters and any(_value(row, attrs, d) != v for d, v in filters.items()):
@@ -468,7 +511,11 @@ class UsageView:
                         *(attrs.get(name, UNKNOWN) for name in attr_names),
                         str(row[6]),
                     )
-                    groups[group] = combine(groups.get(group, zero()), totals)
+                    parts = groups.get(group)
+                    if parts is None:
+                        groups[group] = [totals]
+                    else:
+                        parts.append(totals)
                 for group in sorted(groups):
                     if after is not None and (start, group) <= after:
                         continue
@@ -476,7 +523,7 @@ class UsageView:
                         last = out[-1]["key"]
                         next_cursor = _encode_cursor(q.window, last["window_start_ms"], last_group)
                         break
-                    out.append(_row(start, size, group, groups[group], attr_names))
+                    out.append(_row(start, size, group, _sum_totals(groups[group]), attr_names))
                     last_group = group
                 if next_cursor is not None:
                     break

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from processor.usage._serve import ServiceThread, UsageService
+from processor.usage._serve import ServiceProcess, ServiceThread, UsageService
 from processor.usage._view import UsageQuery, _partitions
 from tests.helpers.rollups import rollup
 from tests.helpers.worker import isolated_settings, make_topics
@@ -139,3 +139,40 @@ async def test_rollups_written_while_the_view_seeks_are_read(broker: str, tmp_pa
     query = UsageQuery.parse({"window": "1m", "by": "tenant"})
     got = {r["key"]["tenant"]: r["totals"]["requests"] for r in view.query(query)["rows"]}
     assert got == {"a": 1, "b": 2, "c": 3}
+
+
+def _niceness(pid: int) -> set[int]:
+    """The niceness of every thread of ``pid`` (/proc/PID/task/TID/stat field 19)."""
+    out = set()
+    for tid in Path(f"/proc/{pid}/task").iterdir():
+        out.add(int((tid / "stat").read_text().rsplit(")", 1)[1].split()[16]))
+    return out
+
+
+async def test_the_usage_server_process_runs_at_the_niceness_asked_for(
+    broker: str, tmp_path: Path, unused_tcp_port: int
+) -> None:
+    settings = isolated_settings(
+        broker, tmp_path, partitions=1, usage_port=unused_tcp_port, usage_server_nice=7
+    )
+    await make_topics(settings)
+    service = ServiceProcess(settings)
+    service.start()
+    assert service.proc is not None
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            got = None
+            for _ in range(120):  # listening and caught up on the empty topics (or 30 s)
+                try:
+                    got = await client.get(f"http://127.0.0.1:{unused_tcp_port}/usage")
+                except httpx.ConnectError:
+                    got = None
+                if got is not None and got.status_code == 200:
+                    break
+                await asyncio.sleep(0.25)
+        assert got is not None, "the usage server never listened"
+        assert got.status_code == 200, got.text
+        assert got.json()["rows"] == []
+        assert _niceness(service.proc.pid) == {7}
+    finally:
+        service.stop()

@@ -5,10 +5,13 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from processor.core import result
+from processor.core import combine, percentile, result
 from processor.usage import QueryError, UsageQuery, UsageView, window_label
 from tests.helpers.rollups import rollup
+from topics import UsageKey, UsageTotals
 
 MIN = 60_000
 HOUR = 3_600_000
@@ -135,7 +138,55 @@ def test_rows_are_what_the_rollup_model_gives() -> None:
     want = result(r.key, totals).model_dump(
         exclude={"source_partition", "source_offset", "as_of_offset", "final"}
     )
-    assert _row(T0, MIN, ("acme", "m", "p", "complete", "unknown", "False"), totals) == want
+    assert _row(T0, MIN, ("acme", "m", "p", "complete", "unknown", "False"), dict(totals)) == want
+
+
+@given(st.lists(st.integers(0, 50), min_size=14, max_size=14))
+def test_the_three_quantiles_in_one_walk_are_the_percentiles(buckets: list[int]) -> None:
+    from processor.usage._view import _quantiles
+
+    for hist in (tuple(buckets), (0,) * 13 + (buckets[0],)):
+        assert _quantiles(hist) == tuple(percentile(hist, q) for q in (0.5, 0.95, 0.99))
+
+
+def test_a_grouped_row_sums_its_rows_as_combine_does() -> None:
+    view = UsageView()
+    parts = []
+    for i, model in enumerate(("m1", "m2", "m3")):
+        key = UsageKey(
+            window_start_ms=T0,
+            window_ms=MIN,
+            tenant="acme",
+            model=model,
+            provider="p",
+            status="complete",
+        )
+        totals = UsageTotals(
+            requests=i + 1,
+            prompt_tokens=10 * i,
+            rate_tokens=7 * i,
+            rate_duration_ms=100 * i,
+            cost_nano_usd=3 * i,
+            ttfc_ms_buckets=tuple((i + j) % 3 for j in range(14)),
+            duration_ms_buckets=tuple(j * i for j in range(14)),
+        )
+        view.apply(key.record_key(0), result(key, totals, 0))
+        parts.append(totals)
+    page = view.query(UsageQuery.parse({"window": "1m", "by": "tenant"}, now_ms=NOW))
+    summed = combine(combine(parts[0], parts[1]), parts[2])
+    key = UsageKey(
+        window_start_ms=T0,
+        window_ms=MIN,
+        tenant="acme",
+        model="*",
+        provider="*",
+        status="*",
+        user="*",
+    )
+    want = result(key, summed).model_dump(
+        exclude={"source_partition", "source_offset", "as_of_offset", "final"}
+    )
+    assert page["rows"] == [want]
 
 
 def test_a_total_from_an_older_state_never_replaces_a_newer_one() -> None:
