@@ -148,8 +148,9 @@ def register(app: faust.App, settings: Settings) -> None:
             start = {tp: min(cp.dedup_from_offset, cp.next_offset)}
         folded = [0, 0]  # re-read for ids, folded
         restored = [cp is None]
+        drained_at = [time.monotonic()]
 
-        def fold(records: list[Any]) -> None:
+        async def fold(records: list[Any]) -> None:
             for rec in records:
                 if cp is not None and rec.offset < cp.next_offset:
                     if rec.value is not None:
@@ -164,6 +165,14 @@ def register(app: faust.App, settings: Settings) -> None:
                 if response is not None:
                     count(response)
                     _late_note(state, response, rec.offset, settings)
+            # Publish while catching up, as the live fold does every interval: a backlog
+            # spanning many windows would otherwise hold every one of them (closed or
+            # not) until the end of the read, beyond the state's bound (the open windows).
+            # Only once the dedup re-read is over: the state is then the one a live
+            # worker would have had at this offset, so its checkpoint is as good.
+            if restored[0] and time.monotonic() - drained_at[0] >= settings.rollup_interval_s:
+                await flush([state])
+                drained_at[0] = time.monotonic()
 
         def progress(p: Any) -> None:
             log.info(
