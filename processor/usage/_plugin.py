@@ -8,7 +8,9 @@ Per responses partition (``PartitionUsage``, see ``_state.py`` for the bounds):
   valid record of its checkpoint-topic partition; one record is read, not the history),
   then one read of the responses partition from the checkpoint's ``dedup_from_offset``:
   records below ``next_offset`` only refill the dedup horizon, the ones from
-  ``next_offset`` to the end are folded. Then live records continue; any offset below
+  ``next_offset`` to the end are folded, and published (rollups, then a checkpoint)
+  every ``rollup_interval_s`` meanwhile, as the live fold is: a long backlog holds only
+  the windows still open, not every window it spans. Then live records continue; any offset below
   ``next_offset`` (faust's committed offset may be behind or ahead of the checkpoint: a
   crash between a checkpoint and an offset commit) is dropped by the state itself. The
   committed offset is therefore never trusted for correctness, only as a starting point.
