@@ -153,7 +153,20 @@ def register(app: faust.App, settings: Settings) -> None:
         drained_at = [time.monotonic()]
 
         async def fold(records: list[Any]) -> None:
-            for rec in records:
+            for i, rec in enumerate(records):
+                # Publish while catching up, as the live fold does every interval: a
+                # backlog spanning many windows would otherwise hold every one of them
+                # (closed or not) until the read ends, beyond the state's bound (the open
+                # windows). Checked within a batch too: one fetch may be megabytes. Only
+                # once the dedup re-read is over: the state is then the one a live worker
+                # would have had at this offset, so its checkpoint is as good.
+                if (
+                    restored[0]
+                    and not i % 256
+                    and time.monotonic() - drained_at[0] >= settings.rollup_interval_s
+                ):
+                    await flush([state])
+                    drained_at[0] = time.monotonic()
                 if cp is not None and rec.offset < cp.next_offset:
                     if rec.value is not None:
                         state.remember(rec.offset, rec.key, rec.timestamp)
@@ -167,14 +180,6 @@ def register(app: faust.App, settings: Settings) -> None:
                 if response is not None:
                     count(response)
                     _late_note(state, response, rec.offset, settings)
-            # Publish while catching up, as the live fold does every interval: a backlog
-            # spanning many windows would otherwise hold every one of them (closed or
-            # not) until the end of the read, beyond the state's bound (the open windows).
-            # Only once the dedup re-read is over: the state is then the one a live
-            # worker would have had at this offset, so its checkpoint is as good.
-            if restored[0] and time.monotonic() - drained_at[0] >= settings.rollup_interval_s:
-                await flush([state])
-                drained_at[0] = time.monotonic()
 
         def progress(p: Any) -> None:
             log.info(
