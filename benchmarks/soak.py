@@ -225,14 +225,29 @@ def _usage_latency(port: int, requests: int = 48) -> tuple[float, float]:
     return statistics.median(lat) * 1000, lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000
 
 
-def _worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+PROBE = Path(__file__).with_name("memprobe")
+
+
+def _worker(settings: Settings, log: Path, probe: Path | None = None) -> subprocess.Popen[bytes]:
     out = log.open("ab")
+    env = {**os.environ, **settings.to_env()}
+    if probe is not None:  # tracemalloc in the worker and its usage server (memprobe/)
+        env["CS_MEMPROBE_DIR"] = str(probe)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROBE), env.get("PYTHONPATH")]))
     return subprocess.Popen(
-        [sys.executable, "-m", "processor", "worker"],
-        env={**os.environ, **settings.to_env()},
-        stdout=out,
-        stderr=out,
+        [sys.executable, "-m", "processor", "worker"], env=env, stdout=out, stderr=out
     )
+
+
+def _probe(probe: Path, name: str, timeout_s: float = 180) -> None:
+    """Ask the worker and its usage server for a memory report; wait for both."""
+    (probe / f"req-{name}").touch()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if len(list(probe.glob(f"{name}-*.txt"))) + len(list(probe.glob(f"{name}-*.err"))) >= 2:
+            return
+        time.sleep(0.5)
+    print(f"  memory probe {name}: no report from both processes", file=sys.stderr)
 
 
 def _wait(check: Any, timeout_s: float, what: str) -> None:
@@ -245,7 +260,12 @@ def _wait(check: Any, timeout_s: float, what: str) -> None:
 
 
 async def soak(
-    completions: int, phases: int, partitions: int, tmp: Path, usage: bool = True
+    completions: int,
+    phases: int,
+    partitions: int,
+    tmp: Path,
+    usage: bool = True,
+    probe: Path | None = None,
 ) -> list[dict[str, Any]]:
     per_phase = completions // phases
     rows: list[dict[str, Any]] = []
@@ -279,7 +299,7 @@ async def soak(
         await create_topics(settings)
         outputs = Outputs(broker.bootstrap, settings.topic_responses)
         reader = asyncio.ensure_future(outputs.run(per_phase))
-        proc = _worker(settings, tmp / "worker.log")
+        proc = _worker(settings, tmp / "worker.log", probe)
         await asyncio.to_thread(_wait, lambda: _ready(settings.web_port), 90, "worker ready")
         began = time.monotonic()
         broker_cpu0 = _cpu_s(bpid)
@@ -290,7 +310,7 @@ async def soak(
                     proc.send_signal(signal.SIGKILL)
                     proc.wait(timeout=10)
                     spawned = time.monotonic()
-                    proc = _worker(settings, tmp / "worker.log")
+                    proc = _worker(settings, tmp / "worker.log", probe)
                 t_pub = time.monotonic()
                 await _publish(
                     broker.bootstrap,
@@ -303,7 +323,10 @@ async def soak(
                 last_print = 0.0
                 while len(outputs.seen) < want:
                     if proc.poll() is not None:
-                        raise RuntimeError(f"worker exited with {proc.returncode}; see {tmp}")
+                        tail = (tmp / "worker.log").read_text(errors="replace")[-3000:]
+                        raise RuntimeError(
+                            f"worker exited with {proc.returncode}; its log ends:\n{tail}"
+                        )
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"phase {phase}: {len(outputs.seen)}/{want} outputs")
                     if time.monotonic() - last_print > 10:
@@ -321,11 +344,16 @@ async def soak(
                     await asyncio.sleep(2.5)  # rollups published (every 1 s), view updated
                     p50, p99 = await asyncio.to_thread(_usage_latency, settings.usage_port)
                 gauges = _metrics(settings.web_port)
+                if probe is not None:
+                    await asyncio.to_thread(_probe, probe, f"phase{phase + 1:02d}")
+                children = _children(proc.pid)
                 row = {
                     **gauges,
                     "phase": phase + 1,
                     "completions": want,
                     "worker_rss_mb": _tree_rss_mb(proc.pid),
+                    "worker_own_rss_mb": _rss_mb(proc.pid),
+                    "usage_server_rss_mb": sum(_rss_mb(c) for c in children),
                     "restart_to_first_s": (first - spawned) if phase else None,
                     "phase_s": time.monotonic() - spawned,
                     "publish_s": publish_s,
@@ -405,7 +433,9 @@ def _print_row(r: dict[str, Any]) -> None:
     )
     print(
         f"    held: {r['open_buckets']:.0f} open usage buckets, {r['dedup_ids']:.0f} dedup ids, "
-        f"{r['in_flight']:.0f} streams in flight; {r['late']:.0f} late completions so far",
+        f"{r['in_flight']:.0f} streams in flight; {r['late']:.0f} late completions so far; "
+        f"RSS: worker {r['worker_own_rss_mb']:.0f} MB, its usage server "
+        f"{r['usage_server_rss_mb']:.0f} MB",
         file=sys.stderr,
         flush=True,
     )
@@ -419,7 +449,17 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--no-usage", action="store_true", help="worker without usage rollups (for comparison)"
     )
+    parser.add_argument(
+        "--memprofile",
+        type=Path,
+        metavar="DIR",
+        help="tracemalloc in the worker and its usage server; a memory report of each "
+        "into DIR at the end of every phase (slower; RSS then includes tracemalloc's own)",
+    )
     args = parser.parse_args(argv)
+    if args.memprofile is not None:
+        args.memprofile.mkdir(parents=True, exist_ok=True)
+        args.memprofile = args.memprofile.resolve()
     print(
         f"soak: {args.completions:,} completions over 30 simulated days, {args.phases} "
         f"phases, kill -9 + restart between phases, {args.partitions} partitions",
@@ -430,7 +470,14 @@ def main(argv: list[str]) -> None:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="cs-soak-") as tmp:
         rows = asyncio.run(
-            soak(args.completions, args.phases, args.partitions, Path(tmp), not args.no_usage)
+            soak(
+                args.completions,
+                args.phases,
+                args.partitions,
+                Path(tmp),
+                not args.no_usage,
+                args.memprofile,
+            )
         )
     check = rows.pop()
     print(f"\nrun took {time.monotonic() - t0:.0f} s")

@@ -6,7 +6,7 @@ import asyncio
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,7 +216,8 @@ async def read_to_end(
     *,
     timeout_s: float = 30.0,
     start: Mapping[TopicPartition, int] | None = None,
-    on_records: Callable[[list[ConsumerRecord[bytes, bytes]]], None] | None = None,
+    on_records: Callable[[list[ConsumerRecord[bytes, bytes]]], Awaitable[None] | None]
+    | None = None,
     on_progress: Callable[[ReadProgress], None] | None = None,
     progress_every_s: float = 5.0,
 ) -> list[ConsumerRecord[bytes, bytes]]:
@@ -234,7 +235,8 @@ async def read_to_end(
     ``timeout_s``. A long read reports its progress every ``progress_every_s`` to
     ``on_progress`` (default: an info log line). With ``on_records`` the records are
     handed over batch by batch and not kept (the result is then empty): memory stays
-    bounded by one fetch.
+    bounded by one fetch. An ``on_records`` that returns an awaitable is awaited before
+    the next fetch (the usage recovery publishes its closed windows there).
     """
     parts = list(tps)
     if not parts:
@@ -277,7 +279,9 @@ async def read_to_end(
                 progress.records += len(records)
                 last_progress = time.monotonic()
                 if on_records is not None:
-                    on_records(records)
+                    pending = on_records(records)
+                    if pending is not None:
+                        await pending
                 else:
                     out.extend(records)
             for tp in list(remaining):

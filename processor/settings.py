@@ -130,6 +130,13 @@ class Settings(BaseSettings):
         description="Allocations between young-generation collections on the worker "
         "(CPython's default is 700: the batch path allocates that in a few records).",
     )
+    malloc_trim_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds between returns of the C heap's free pages to the system "
+        "(glibc malloc_trim, in a thread); 0: never. Without it RSS stays at the high-water "
+        "mark of the last catch-up.",
+    )
 
     # --- static group membership (processor/worker/_faust.py) ---------------------
     group_instance_id: str | None = Field(

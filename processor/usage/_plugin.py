@@ -8,7 +8,9 @@ Per responses partition (``PartitionUsage``, see ``_state.py`` for the bounds):
   valid record of its checkpoint-topic partition; one record is read, not the history),
   then one read of the responses partition from the checkpoint's ``dedup_from_offset``:
   records below ``next_offset`` only refill the dedup horizon, the ones from
-  ``next_offset`` to the end are folded. Then live records continue; any offset below
+  ``next_offset`` to the end are folded, and published (rollups, then a checkpoint)
+  every ``rollup_interval_s`` meanwhile, as the live fold is: a long backlog holds only
+  the windows still open, not every window it spans. Then live records continue; any offset below
   ``next_offset`` (faust's committed offset may be behind or ahead of the checkpoint: a
   crash between a checkpoint and an offset commit) is dropped by the state itself. The
   committed offset is therefore never trusted for correctness, only as a starting point.
@@ -148,9 +150,23 @@ def register(app: faust.App, settings: Settings) -> None:
             start = {tp: min(cp.dedup_from_offset, cp.next_offset)}
         folded = [0, 0]  # re-read for ids, folded
         restored = [cp is None]
+        drained_at = [time.monotonic()]
 
-        def fold(records: list[Any]) -> None:
-            for rec in records:
+        async def fold(records: list[Any]) -> None:
+            for i, rec in enumerate(records):
+                # Publish while catching up, as the live fold does every interval: a
+                # backlog spanning many windows would otherwise hold every one of them
+                # (closed or not) until the read ends, beyond the state's bound (the open
+                # windows). Checked within a batch too: one fetch may be megabytes. Only
+                # once the dedup re-read is over: the state is then the one a live worker
+                # would have had at this offset, so its checkpoint is as good.
+                if (
+                    restored[0]
+                    and not i % 256
+                    and time.monotonic() - drained_at[0] >= settings.rollup_interval_s
+                ):
+                    await flush([state])
+                    drained_at[0] = time.monotonic()
                 if cp is not None and rec.offset < cp.next_offset:
                     if rec.value is not None:
                         state.remember(rec.offset, rec.key, rec.timestamp)

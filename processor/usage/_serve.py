@@ -40,6 +40,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
+from processor._malloc import start_trimming
 from processor._procs import terminate
 from processor.logs import configure_logging, get_logger
 from processor.pricing import PRICE_DATA
@@ -388,6 +389,7 @@ def _main() -> None:
         stop.set()
 
     threading.Thread(target=parent_gone, name="usage-server-parent", daemon=True).start()
+    start_trimming(settings.malloc_trim_s, stop)
     try:
         asyncio.run(UsageService(settings).run(stop))
     except UsageServerFailed as exc:

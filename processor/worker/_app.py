@@ -26,6 +26,7 @@ import faust
 from faust.web import Request, Response, View
 
 from processor import metrics
+from processor._malloc import start_trimming
 from processor.logs import get_logger
 from processor.settings import Settings
 from processor.worker import _faust
@@ -169,6 +170,7 @@ def create_app(settings: Settings) -> faust.App:
     async def on_rebalanced(sender: Any, **kwargs: Any) -> None:
         if not state["assigned"]:
             _freeze_startup_objects(settings.gc_gen0_threshold)
+            start_trimming(settings.malloc_trim_s)
         state["assigned"] = True
         state["rebalance_since"] = None
         log.info("rebalance complete", partitions=sorted(_assigned(app, settings)))

@@ -200,3 +200,52 @@ def _response_bytes(cid: str) -> bytes:
         update={"tenant": "acme", "request_started_at_ms": int(time.time() * 1000)}
     )
     return resp.model_copy(update={"chunkstitch": meta}).to_json()
+
+
+async def test_recovery_of_a_long_backlog_publishes_as_it_folds(
+    broker: str, tmp_path: Path
+) -> None:
+    """A backlog spanning many windows is published every rollup interval while the
+    recovery folds it, not all at its end: the state holds the windows still open, not
+    every window of the backlog (the soak's worker held 125 MB of closed buckets)."""
+    from aiokafka import AIOKafkaProducer
+
+    from tests.unit.test_usage_state import response
+    from topics import UsageRollup
+
+    settings = isolated_settings(broker, tmp_path, partitions=1, rollup_interval_s=0.05)
+    await make_topics(settings)
+    n = 8000
+    t0 = (int(time.time() * 1000) // 60_000 - n - 10) * 60_000
+    producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all", linger_ms=20)
+    await producer.start()
+    try:  # one completion a minute of event time: n minute windows, all but a few closed
+        sent = [
+            await producer.send(
+                settings.topic_responses,
+                response(f"bk-{i:05d}", t0 + i * 60_000),
+                key=f"bk-{i:05d}".encode(),
+                partition=0,
+            )
+            for i in range(n)
+        ]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+    worker = WorkerProcess(settings, tmp_path / "w.log").start()
+    try:
+        records = await read_topic(
+            settings, settings.topic_rollups, until=n - 10, timeout_s=90, distinct_keys=True
+        )
+    finally:
+        worker.stop()
+    finals = [
+        r
+        for r in (UsageRollup.model_validate_json(v) for _, v in records)
+        if r.final and r.key.window_ms == 60_000
+    ]
+    assert len(finals) >= n - 10
+    assert sum(r.totals.requests for r in finals) == len({r.key for r in finals})
+    # drained in several turns while folding (one drain after the read: one as_of_offset)
+    assert len({r.as_of_offset for r in finals}) > 1
