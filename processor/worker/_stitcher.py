@@ -180,7 +180,6 @@ class Stitcher:
         acker: AckFn | None = None,
         lease: Lease | None = None,
         wall_clock: Callable[[], float] = time.time,
-        slice_clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.settings = settings
         self.send = send
@@ -190,9 +189,6 @@ class Stitcher:
         self.lease = lease
         """Outputs and time rules only while it is valid; ``None``: always (unit tests)."""
         self.wall_clock = wall_clock
-        self.slice_clock = slice_clock
-        """Times a round's slices (see ``round_slice_ms``); not the rules' clock."""
-        self.slice_s = settings.round_slice_ms / 1000
         self.topic = settings.topic_chunks
         self._attribute_caps = settings.usage_attribute_caps
         self._dropped_logged: set[str] = set()
@@ -334,49 +330,27 @@ class Stitcher:
         each partition's records in offset order; their acks go through the acker. The
         round is sealed at the end. Takes nothing (returns False) when ``current()`` is
         false once the lock is held: the batch was fetched before a rebalance began.
-        ``taken()`` is called under the lock once the records are taken.
-
-        A round still taking records after ``round_slice_ms`` seals what it has so far
-        (:meth:`_seal_slice`) and goes on: a response finished early in a large fetch is
-        sent without waiting for the rest of it. The lock stays held, so no revocation
-        comes between the slices of a round."""
+        ``taken()`` is called under the lock once the records are taken."""
         async with self.lock:
             if not current():
                 return False
             count = 0
-            slice_s = self.slice_s
-            clock = self.slice_clock
-            sliced = slice_s > 0
-            deadline = clock() + slice_s
-            take = self._take
             for tp, records in batch:
                 partition = tp.partition
                 part = await self._partition(partition)
                 topic = tp.topic
+                take = self._take
                 for r in records:
                     take(
                         part,
                         Record(topic, partition, r.offset, r.key, r.value, r.headers, r.timestamp),
                         None,
                     )
-                    if sliced and clock() >= deadline:
-                        await self._seal_slice()
-                        deadline = clock() + slice_s
                 count += len(records)
             metrics.CHUNKS.inc(count)
             taken()
             await self.flush()
         return True
-
-    async def _seal_slice(self) -> None:
-        """Mid-round: send what the round finished so far as a sealed round of its own
-        (made durable and released in the background, in offset order like any round),
-        then let the event loop run once (the producer transmits, earlier rounds settle).
-        Never waits for a round in flight: with ``max_rounds_in_flight`` pending, the
-        outputs stay for the next seal."""
-        if (self._emit or self._side) and len(self._rounds) < self.max_rounds_in_flight:
-            await self.flush()
-        await asyncio.sleep(0)
 
     def crashed(self, exc: BaseException) -> None:
         """The batch path that feeds this stitcher raised: stop the worker."""

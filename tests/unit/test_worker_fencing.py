@@ -77,38 +77,6 @@ async def test_a_batch_is_one_round_and_its_acks_go_to_the_acker_in_offset_order
     assert list(send.on(stitcher.settings.topic_deadletter))
 
 
-async def test_a_long_round_sends_what_it_finished_before_taking_the_rest() -> None:
-    stitcher, send, _, _, acks = _setup(round_slice_ms=5)
-    ticks = iter([0.0, 0.001, 0.006, 0.007, 0.008, 0.009])  # the slice ends after offset 1
-    stitcher.slice_clock = lambda: next(ticks)
-    part = stitcher.parts[0]
-    taken_at_send: list[tuple[bytes | None, int | None]] = []
-    plain = stitcher.send
-
-    async def send_noting(*args: Any) -> Any:
-        taken_at_send.append((args[1], part.next_offset))
-        return await plain(*args)
-
-    stitcher.send = send_noting
-    tp = TP(stitcher.settings.topic_chunks, 0)
-    end = RecordMeta(end_count=1, end_reason="done")
-    batch = [
-        _kr(0, b"a", _chunk("x", "stop"), RecordMeta(seq=0), 1000),
-        _kr(1, b"a", b"", end, 1001),
-        _kr(2, b"b", _chunk("y", "stop"), RecordMeta(seq=0), 1002),
-        _kr(3, b"b", b"", end, 1003),
-    ]
-    assert await stitcher.handle_batch([(tp, batch)])
-    await stitcher.drain()
-    responses = [(k, n) for k, n in taken_at_send if k in (b"a", b"b")][:2]
-    assert responses == [(b"a", 2), (b"b", 4)]  # a was sent before offsets 2-3 were taken
-    assert _statuses(send, stitcher.settings.topic_responses) == [
-        (b"a", "complete"),
-        (b"b", "complete"),
-    ]
-    assert [o for _, offsets in acks for o in offsets] == [0, 1, 2, 3]
-
-
 async def test_a_batch_fetched_before_a_rebalance_is_not_taken() -> None:
     stitcher, send, _, _, _acks = _setup()
     tp = TP(stitcher.settings.topic_chunks, 0)

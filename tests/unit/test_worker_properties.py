@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
 import json
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -542,12 +541,11 @@ class _ConsumerRecord(NamedTuple):
     timestamp: int | None
 
 
-async def _run(ops: list[tuple[str, Any]], batched: bool, sliced: bool = False) -> None:
+async def _run(ops: list[tuple[str, Any]], batched: bool) -> None:
     """``batched``: records arrive as fetched batches (``handle_batch``, acks through the
     acker: what the app does), else one by one (``handle`` with a release callback). Not
     mixed on one partition: ``release`` calls callbacks at once and the acker after its
-    pass, so mixing the two would reorder acks within a pass. ``sliced``: every record
-    of a batch ends a slice of its round (sealed mid-round)."""
+    pass, so mixing the two would reorder acks within a pass."""
     acked: list[tuple[int, int]] = []
     send = FakeSend()
     now = [1000.0]
@@ -556,7 +554,6 @@ async def _run(ops: list[tuple[str, Any]], batched: bool, sliced: bool = False) 
         send,
         lambda: now[0],
         acker=lambda partition, offsets: acked.extend((partition, o) for o in offsets),
-        slice_clock=itertools.count().__next__ if sliced else lambda: 0.0,
     )
     s = stitcher.settings
     for partition in (0, 1):
@@ -642,8 +639,8 @@ async def _run(ops: list[tuple[str, Any]], batched: bool, sliced: bool = False) 
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(_ops, st.booleans(), st.booleans())
+@given(_ops, st.booleans())
 def test_no_input_makes_the_stitcher_raise_and_no_record_disappears(
-    ops: list[tuple[str, Any]], batched: bool, sliced: bool
+    ops: list[tuple[str, Any]], batched: bool
 ) -> None:
-    asyncio.run(_run(ops, batched, sliced))
+    asyncio.run(_run(ops, batched))
