@@ -27,6 +27,23 @@ def _record(start: int, size: int, tenant: str, partition: int, n: int) -> tuple
     return key.encode(), value.model_dump_json().encode()
 
 
+async def _first_answer(client: httpx.AsyncClient, url: str) -> httpx.Response:
+    """The first 200 of a usage server that is still starting: listening, then caught up
+    with its topics (503 meanwhile); 30 s at most."""
+    got = None
+    for _ in range(120):
+        try:
+            got = await client.get(url)
+        except httpx.ConnectError:
+            got = None
+        if got is not None and got.status_code == 200:
+            break
+        await asyncio.sleep(0.25)
+    assert got is not None, "the usage server never listened"
+    assert got.status_code == 200, got.text
+    return got
+
+
 async def test_a_late_starting_usage_server_reads_the_rollups_already_written(
     broker: str, tmp_path: Path, unused_tcp_port: int
 ) -> None:
@@ -61,18 +78,9 @@ async def test_a_late_starting_usage_server_reads_the_rollups_already_written(
     service.start()
     try:
         async with httpx.AsyncClient(timeout=10) as client:
-            for _ in range(120):  # the server listens and its view catches up (or 30 s)
-                try:
-                    got = await client.get(
-                        f"http://127.0.0.1:{unused_tcp_port}/usage?window=1m&by=tenant"
-                    )
-                except httpx.ConnectError:
-                    got = None
-                if got is not None and got.status_code == 200:
-                    break
-                await asyncio.sleep(0.25)
-            assert got is not None, "the usage server never listened"
-            assert got.status_code == 200, got.text
+            got = await _first_answer(
+                client, f"http://127.0.0.1:{unused_tcp_port}/usage?window=1m&by=tenant"
+            )
             minutes = {r["key"]["tenant"]: r["totals"]["requests"] for r in got.json()["rows"]}
             hours = (
                 await client.get(f"http://127.0.0.1:{unused_tcp_port}/usage?window=1h&by=tenant")
@@ -161,17 +169,7 @@ async def test_the_usage_server_process_runs_at_the_niceness_asked_for(
     assert service.proc is not None
     try:
         async with httpx.AsyncClient(timeout=10) as client:
-            got = None
-            for _ in range(120):  # listening and caught up on the empty topics (or 30 s)
-                try:
-                    got = await client.get(f"http://127.0.0.1:{unused_tcp_port}/usage")
-                except httpx.ConnectError:
-                    got = None
-                if got is not None and got.status_code == 200:
-                    break
-                await asyncio.sleep(0.25)
-        assert got is not None, "the usage server never listened"
-        assert got.status_code == 200, got.text
+            got = await _first_answer(client, f"http://127.0.0.1:{unused_tcp_port}/usage")
         assert got.json()["rows"] == []
         assert _niceness(service.proc.pid) == {7}
     finally:
