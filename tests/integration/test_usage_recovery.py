@@ -47,7 +47,10 @@ async def _usage_rows(worker: WorkerProcess, want: int) -> list[dict[str, Any]]:
 async def test_checkpoint_ahead_of_and_behind_the_commit_after_kill_9(
     broker: str, tmp_path: Path
 ) -> None:
-    base = isolated_settings(broker, tmp_path)
+    # A usage grace well above a loaded machine's round time: a stream whose usage chunk
+    # comes in the round after its finish chunk must not be emitted without it (this test
+    # is about checkpoints; the grace has tests of its own)
+    base = isolated_settings(broker, tmp_path, usage_grace_s=3.0)
     await make_topics(base)
     streams = build_streams(90, seed=71, prefix="ckpt")
     records = wire(streams, seed=72)
