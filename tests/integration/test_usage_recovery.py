@@ -47,10 +47,12 @@ async def _usage_rows(worker: WorkerProcess, want: int) -> list[dict[str, Any]]:
 async def test_checkpoint_ahead_of_and_behind_the_commit_after_kill_9(
     broker: str, tmp_path: Path
 ) -> None:
-    # A usage grace well above a loaded machine's round time: a stream whose usage chunk
-    # comes in the round after its finish chunk must not be emitted without it (this test
-    # is about checkpoints; the grace has tests of its own)
-    base = isolated_settings(broker, tmp_path, usage_grace_s=3.0)
+    # Each third is published after a worker (re)start, 4-5 s after the previous one: a
+    # stream with chunks on both sides of that pause really was idle that long in its
+    # record times, and the default 4 s idle timeout of the tests then ends it as
+    # incomplete, without its usage (correctly; the tokens came out short under load).
+    # Timeouts above the pause: this test is about checkpoints, not idleness.
+    base = isolated_settings(broker, tmp_path, idle_timeout_s=12.0, usage_grace_s=3.0)
     await make_topics(base)
     streams = build_streams(90, seed=71, prefix="ckpt")
     records = wire(streams, seed=72)

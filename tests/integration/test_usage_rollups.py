@@ -70,7 +70,11 @@ async def test_totals_are_exact_after_kill_9_and_served_everywhere(
     broker: str, tmp_path: Path
 ) -> None:
     # users and an attribute, with a user cap (3 per partition and hour) that 6 users exceed
-    settings = isolated_settings(broker, tmp_path, usage_attributes="feature", usage_max_users=3)
+    # idle timeout above the restart's pause (4-5 s of record time between the halves):
+    # a stream spanning it would otherwise end, correctly, as incomplete without usage
+    settings = isolated_settings(
+        broker, tmp_path, usage_attributes="feature", usage_max_users=3, idle_timeout_s=12.0
+    )
     await make_topics(settings)
     streams = build_streams(120, seed=61, prefix="use")
     records = wire(

@@ -40,7 +40,11 @@ def _check_all(got: list[tuple[bytes | None, bytes]], streams: list) -> int:  # 
 async def test_kill_9_mid_run_then_restart_loses_and_corrupts_nothing(
     broker: str, tmp_path: Path
 ) -> None:
-    settings = isolated_settings(broker, tmp_path)
+    # The last third is published once the restarted worker is ready, 4-5 s after the
+    # second: a stream with chunks on both sides of that pause really was idle that long
+    # in its record times, and a 4 s idle timeout then ends it as incomplete (correctly).
+    # The timeout here is above the pause: this test is about the crash, not idleness.
+    settings = isolated_settings(broker, tmp_path, idle_timeout_s=12.0)
     await make_topics(settings)
     streams = build_streams(240, seed=21, prefix="crash")
     records = wire(streams, seed=22)
