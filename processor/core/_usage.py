@@ -21,6 +21,7 @@ __all__ = [
     "event_time_ms",
     "labels",
     "percentile",
+    "percentiles",
     "result",
     "roll_up",
     "zero",
@@ -147,19 +148,33 @@ def roll_up(key: UsageKey, window_ms: int) -> UsageKey:
     )
 
 
-def percentile(buckets: tuple[int, ...], q: float) -> int | None:
-    """The upper bound (ms) of the histogram bucket holding quantile ``q`` (None if empty;
-    values above the last bound report that bound)."""
+def percentiles(
+    buckets: tuple[int, ...] | list[int], qs: tuple[float, ...]
+) -> tuple[int | None, ...]:
+    """For each quantile of ``qs`` (ascending), the upper bound (ms) of the histogram bucket
+    holding it, in one walk of the histogram (None if empty; values above the last bound
+    report that bound)."""
     total = sum(buckets)
     if total == 0:
-        return None
-    rank = q * total
+        return (None,) * len(qs)
+    last = len(LATENCY_BUCKETS_MS) - 1
+    out: list[int | None] = []
+    ranks = [q * total for q in qs]
     seen = 0
     for i, count in enumerate(buckets):
         seen += count
-        if seen >= rank:
-            return LATENCY_BUCKETS_MS[min(i, len(LATENCY_BUCKETS_MS) - 1)]
-    return LATENCY_BUCKETS_MS[-1]
+        while ranks and seen >= ranks[0]:
+            out.append(LATENCY_BUCKETS_MS[min(i, last)])
+            ranks.pop(0)
+        if not ranks:
+            break
+    out.extend(LATENCY_BUCKETS_MS[-1] for _ in ranks)
+    return tuple(out)
+
+
+def percentile(buckets: tuple[int, ...], q: float) -> int | None:
+    """:func:`percentiles` of one quantile."""
+    return percentiles(buckets, (q,))[0]
 
 
 def result(key: UsageKey, totals: UsageTotals, source_partition: int | None = None) -> UsageRollup:

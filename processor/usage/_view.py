@@ -36,12 +36,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from processor.core import WINDOWS_MS, combine, zero
+from processor.core import WINDOWS_MS, combine, percentiles, zero
 from processor.logs import get_logger
 from processor.settings import Settings
 from topics import UsageRollup, UsageTotals
 from topics._headers import check_attribute_name
-from topics._usage import LATENCY_BUCKETS_MS, UNKNOWN
+from topics._usage import UNKNOWN
 
 __all__ = [
     "ALL_DIMENSIONS",
@@ -241,27 +241,6 @@ def _decode_cursor(cursor: str, window: str) -> tuple[int, tuple[str, ...]]:
         ) from None
 
 
-def _quantiles(buckets: tuple[int, ...] | list[int]) -> tuple[int | None, ...]:
-    """:func:`~processor.core.percentile` at 0.5, 0.95 and 0.99 in one walk of the
-    histogram (the same bounds it gives)."""
-    total = sum(buckets)
-    if total == 0:
-        return (None, None, None)
-    last = len(LATENCY_BUCKETS_MS) - 1
-    out: list[int | None] = []
-    ranks = [q * total for q in _QUANTILES]
-    seen = 0
-    for i, count in enumerate(buckets):
-        seen += count
-        while ranks and seen >= ranks[0]:
-            out.append(LATENCY_BUCKETS_MS[min(i, last)])
-            ranks.pop(0)
-        if not ranks:
-            break
-    out.extend(LATENCY_BUCKETS_MS[-1] for _ in ranks)
-    return tuple(out)
-
-
 def _sum_totals(parts: list[UsageTotals]) -> Mapping[str, Any]:
     """The field values of the parts added up (what :func:`~processor.core.combine` over
     them holds), as a mapping: a query only reads them, so no model is built."""
@@ -285,8 +264,8 @@ def _row(
     directly: a page of rows is the only work a query does, so it stays cheap. ``group``
     is (tenant, model, provider, status, user, one value per grouped attribute, late);
     ``t`` the totals' field values."""
-    ttfc = _quantiles(t["ttfc_ms_buckets"])
-    duration = _quantiles(t["duration_ms_buckets"])
+    ttfc = percentiles(t["ttfc_ms_buckets"], _QUANTILES)
+    duration = percentiles(t["duration_ms_buckets"], _QUANTILES)
     return {
         "key": {
             "window_start_ms": start,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from processor.core import combine, percentile, result
+from processor.core import combine, percentile, percentiles, result
 from processor.usage import QueryError, UsageQuery, UsageView, window_label
 from tests.helpers.rollups import rollup
 from topics import UsageKey, UsageTotals
@@ -143,10 +143,9 @@ def test_rows_are_what_the_rollup_model_gives() -> None:
 
 @given(st.lists(st.integers(0, 50), min_size=14, max_size=14))
 def test_the_three_quantiles_in_one_walk_are_the_percentiles(buckets: list[int]) -> None:
-    from processor.usage._view import _quantiles
-
+    qs = (0.5, 0.95, 0.99)
     for hist in (tuple(buckets), (0,) * 13 + (buckets[0],)):
-        assert _quantiles(hist) == tuple(percentile(hist, q) for q in (0.5, 0.95, 0.99))
+        assert percentiles(hist, qs) == tuple(percentile(hist, q) for q in qs)
 
 
 def test_a_grouped_row_sums_its_rows_as_combine_does() -> None:
