@@ -11,6 +11,12 @@ bisection over record timestamps finds it: O(log n) single-record fetches.
 The end is the high watermark of fetch responses (see :mod:`processor.kafka`). No fixed
 timeout: the read gives up only when the broker returns nothing for ``stall_s`` while
 records remain, and it logs its progress every few seconds on long reads.
+
+The records are handed to a ``fold`` callback batch by batch (at most ``batch_records``
+decoded at a time), each partition's in offset order, and not kept: memory is one fetch's
+raw bytes plus one batch plus whatever the caller folds them into (an hour of ledger at
+gateway volume is millions of records). A partition the caller no
+longer ``wants`` (revoked meanwhile) is paused and its records are no longer handed over.
 """
 
 from __future__ import annotations
@@ -27,11 +33,14 @@ from processor.kafka import BrokerUnreachable, open_reader, unreachable_message
 from processor.logs import get_logger
 from processor.settings import Settings
 
-__all__ = ["LedgerStalled", "read_ledger"]
+__all__ = ["LedgerFold", "LedgerStalled", "read_ledger"]
 
 log = get_logger("chunkstitch.worker")
 
 Records = list[ConsumerRecord[bytes, bytes]]
+
+LedgerFold = Callable[[int, Records], None]
+"""``fold(partition, records)``: one fetched batch of a partition, in offset order."""
 
 
 class LedgerStalled(RuntimeError):
@@ -42,15 +51,19 @@ async def read_ledger(
     settings: Settings,
     partitions: Sequence[int],
     since_ms: int,
+    fold: LedgerFold,
     *,
+    wanted: Callable[[int], bool] = lambda partition: True,
+    batch_records: int = 10_000,
     stall_s: float = 60.0,
     progress_every_s: float = 5.0,
     clock: Callable[[], float] = time.monotonic,
-) -> dict[int, Records]:
-    """Ledger records of ``partitions`` written at or after ``since_ms`` (epoch ms)."""
-    out: dict[int, Records] = {p: [] for p in partitions}
+) -> int:
+    """Hand the ledger records of ``partitions`` written at or after ``since_ms`` (epoch
+    ms) to ``fold``, at most ``batch_records`` at a time; returns how many were handed
+    over. A partition for which ``wanted(partition)`` turns false is no longer read."""
     if not partitions:
-        return out
+        return 0
     tps = [TopicPartition(settings.topic_ledger, p) for p in partitions]
     consumer = await open_reader(
         settings,
@@ -62,12 +75,13 @@ async def read_ledger(
         starts = await _start_offsets(consumer, tps, since_ms)
         for tp in tps:
             consumer.seek(tp, starts[tp])
-        await _read_to_end(consumer, tps, out, stall_s, progress_every_s, clock)
+        return await _read_to_end(
+            consumer, tps, fold, wanted, batch_records, stall_s, progress_every_s, clock
+        )
     except KafkaError as exc:
         raise BrokerUnreachable(unreachable_message(settings, exc)) from exc
     finally:
         await asyncio.shield(consumer.stop())
-    return out
 
 
 async def _start_offsets(
@@ -173,20 +187,32 @@ async def _bisect(
 async def _read_to_end(
     consumer: AIOKafkaConsumer,
     tps: list[TopicPartition],
-    out: dict[int, Records],
+    fold: LedgerFold,
+    wanted: Callable[[int], bool],
+    batch_records: int,
     stall_s: float,
     progress_every_s: float,
     clock: Callable[[], float],
-) -> None:
+) -> int:
     remaining = set(tps)
     last_progress = started = last_log = clock()
     total = 0
     while remaining:
-        batch: dict[Any, Records] = await consumer.getmany(*remaining, timeout_ms=200)
+        dropped = [tp for tp in remaining if not wanted(tp.partition)]
+        if dropped:
+            consumer.pause(*dropped)  # revoked meanwhile: no more fetches for it
+            remaining.difference_update(dropped)
+            if not remaining:
+                break
+        # At most batch_records decoded at a time: the rest of a fetch waits in the
+        # consumer as raw bytes (the embedded broker may answer a whole partition at once).
+        batch: dict[Any, Records] = await consumer.getmany(
+            *remaining, timeout_ms=200, max_records=batch_records
+        )
         now = clock()
         for tp, records in batch.items():
-            if records:
-                out[tp.partition].extend(records)
+            if records and tp in remaining and wanted(tp.partition):
+                fold(tp.partition, records)
                 total += len(records)
                 last_progress = now
         for tp in list(remaining):
@@ -209,3 +235,4 @@ async def _read_to_end(
                 seconds=round(now - started, 1),
                 partitions=sorted(tp.partition for tp in remaining),
             )
+    return total

@@ -243,12 +243,31 @@ class Stitcher:
         return part is not None and part.loaded
 
     async def _load_ledgers(self, generations: dict[int, int]) -> None:
+        """Fold the ledger of the partitions into fresh state batch by batch as it is read,
+        then install it; a partition revoked meanwhile is dropped (and no longer read): a
+        later assignment loads it afresh."""
         partitions = list(generations)
         # Only the period the ledger is used for (plus a minute of clock skew).
         since_ms = int((self.wall_clock() - self.settings.emitted_memory_s - 60) * 1000)
+        staged = {p: _Partition() for p in partitions}
+
+        def wanted(p: int) -> bool:
+            if p in staged and self._generation.get(p, 0) != generations[p]:
+                del staged[p]  # revoked meanwhile: what it folded so far is of no use
+            return p in staged
+
+        def fold(p: int, records: list[Any]) -> None:
+            if wanted(p):
+                self._fold_ledger(p, staged[p], records)
+
         try:
-            by_partition = await read_ledger(
-                self.settings, partitions, since_ms, stall_s=self.settings.stall_timeout_s
+            await read_ledger(
+                self.settings,
+                partitions,
+                since_ms,
+                fold,
+                wanted=wanted,
+                stall_s=self.settings.stall_timeout_s,
             )
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
@@ -257,18 +276,21 @@ class Stitcher:
         finally:
             for p in partitions:
                 self._loading.pop(p, None)
-        for p, recs in by_partition.items():
-            if self._generation.get(p, 0) != generations[p]:
-                continue  # revoked while loading: a later assignment loads it afresh
+        for p in partitions:
+            if not wanted(p):
+                continue
             part = self.parts.get(p)
             if part is None:
                 part = self.parts[p] = _Partition()
-            if not part.loaded:
-                self._apply_ledger(p, part, recs)
+            if not part.loaded:  # nothing writes to a partition's ledger before it is loaded
+                part.ledger, part.emitted = staged[p].ledger, staged[p].emitted
+                part.loaded = True
+                log.info("ledger loaded", partition=p, entries=len(part.ledger))
 
-    def _apply_ledger(self, partition: int, part: _Partition, records: list[Any]) -> None:
-        """Ledger records in offset order. An id keeps the HIGHEST offset recorded for it,
-        whoever wrote it last (a stale worker's late write must not move it back)."""
+    def _fold_ledger(self, partition: int, part: _Partition, records: Sequence[Any]) -> None:
+        """Fold ledger records into ``part``, in offset order (the emitted memory expires
+        oldest first). An id keeps the HIGHEST offset recorded for it, whoever wrote it
+        last (a stale worker's late write must not move it back)."""
         now = self.clock()
         wall_ms = self.wall_clock() * 1000
         ledger = part.ledger
@@ -291,8 +313,6 @@ class Stitcher:
                 ledger[cid] = offset
             age_s = max(wall_ms - rec.timestamp, 0) / 1000 if rec.timestamp else 0.0
             part.emitted.append((now - age_s, cid, offset))
-        part.loaded = True
-        log.info("ledger loaded", partition=partition, entries=len(part.ledger))
 
     def revoke(self, partitions: Sequence[int]) -> None:
         """Forget revoked partitions: their new owner rebuilds them from the log. Outputs

@@ -4,14 +4,17 @@ Real embedded broker, real worker processes."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from pathlib import Path
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from processor.settings import Settings
 from processor.worker._ledger import read_ledger
+from processor.worker._stitcher import Stitcher
 from tests.helpers.worker import (
     WorkerProcess,
     isolated_settings,
@@ -134,10 +137,80 @@ async def test_the_ledger_is_read_from_the_period_it_is_used_for(
         await producer.flush()
     finally:
         await producer.stop()
-    got = await read_ledger(settings, [1, 2], now_ms - 3600_000)
-    keys = [r.key for r in got[1]]
-    assert keys == [f"new-{i}".encode() for i in range(200)]
-    assert got[2] == []
+    got: dict[int, list[bytes | None]] = {}
+    count = await read_ledger(
+        settings,
+        [1, 2],
+        now_ms - 3600_000,
+        lambda p, recs: got.setdefault(p, []).extend(r.key for r in recs),
+    )
+    assert got == {1: [f"new-{i}".encode() for i in range(200)]}
+    assert count == 200
+
+
+async def _write_ledger(settings: Settings, partition: int, count: int) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.broker, acks="all", linger_ms=20)
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(
+                settings.topic_ledger,
+                str(i).encode(),
+                key=f"chatcmpl-{i:024d}".encode(),
+                partition=partition,
+            )
+            for i in range(count)
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def test_the_ledger_is_folded_fetch_by_fetch_in_offset_order_and_not_kept(
+    broker: str, tmp_path: Path
+) -> None:
+    # 60,000 entries of a gateway-sized id, handed over 10,000 at most at a time
+    settings = isolated_settings(broker, tmp_path, emitted_memory_s=3600)
+    await make_topics(settings)
+    await _write_ledger(settings, 0, 60_000)
+    batches: list[tuple[int, int, int, int]] = []  # partition, size, first, last offset
+
+    def fold(partition: int, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        batches.append((partition, len(records), records[0].offset, records[-1].offset))
+        offsets = [r.offset for r in records]
+        assert offsets == sorted(offsets)
+
+    since_ms = int(time.time() * 1000) - 3600_000
+    count = await read_ledger(settings, [0, 1], since_ms, fold, batch_records=10_000)
+    assert count == 60_000  # the read hands everything over and returns only a count
+    assert len(batches) >= 6, batches
+    assert {p for p, *_ in batches} == {0}
+    assert max(size for _, size, *_ in batches) <= 10_000
+    # offset order across the batches too, with no gap and no repeat
+    assert batches[0][2] == 0
+    assert batches[-1][3] == 59_999
+    assert all(a[3] + 1 == b[2] for a, b in itertools.pairwise(batches))
+
+
+async def test_a_partition_no_longer_wanted_is_no_longer_read(broker: str, tmp_path: Path) -> None:
+    settings = isolated_settings(broker, tmp_path, emitted_memory_s=3600)
+    await make_topics(settings)
+    await _write_ledger(settings, 0, 60_000)
+    await _write_ledger(settings, 1, 200)
+    revoked: set[int] = set()
+    folded: dict[int, int] = {}
+
+    def fold(partition: int, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        assert partition not in revoked
+        folded[partition] = folded.get(partition, 0) + len(records)
+        if partition == 0:
+            revoked.add(0)  # revoked after its first batch (as a rebalance would)
+
+    since_ms = int(time.time() * 1000) - 3600_000
+    count = await read_ledger(settings, [0, 1], since_ms, fold, wanted=lambda p: p not in revoked)
+    assert 0 < folded[0] < 60_000  # its first batch only
+    assert folded[1] == 200  # the others are read to their end
+    assert count == folded[0] + 200
 
 
 async def test_committed_offsets_reach_the_partition_ends_on_the_batch_path(
@@ -195,3 +268,38 @@ async def test_committed_offsets_reach_the_partition_ends_on_the_batch_path(
             await consumer.stop()
     finally:
         worker.stop()
+
+
+async def test_a_partition_revoked_while_its_ledger_loads_is_loaded_afresh_when_reassigned(
+    broker: str, tmp_path: Path
+) -> None:
+    settings = isolated_settings(broker, tmp_path, emitted_memory_s=3600)
+    await make_topics(settings)
+    await _write_ledger(settings, 0, 30_000)
+    await _write_ledger(settings, 1, 200)
+
+    async def send(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a ledger load sends nothing")
+
+    stitcher = Stitcher(settings, send, time.monotonic)
+    fold = stitcher._fold_ledger
+    batches: list[tuple[int, int]] = []
+
+    def fold_then_revoke(partition: int, part: Any, records: Any) -> None:
+        batches.append((partition, len(records)))
+        fold(partition, part, records)
+        if [p for p, _ in batches].count(0) == 1 and partition == 0:
+            stitcher.revoke([0])  # a rebalance during the read, after its first batch
+
+    stitcher._fold_ledger = fold_then_revoke  # type: ignore[method-assign]
+    await stitcher.preload([0, 1])
+    assert 0 not in stitcher.parts  # revoked: what was read of it is dropped
+    assert stitcher.parts[1].loaded
+    assert len(stitcher.parts[1].ledger) == 200
+    assert [p for p, _ in batches].count(0) == 1  # and its read went no further
+    stitcher._fold_ledger = fold  # type: ignore[method-assign]
+    stitcher.preload([0])  # assigned again
+    part = await stitcher._partition(0)
+    assert part.loaded
+    assert len(part.ledger) == 30_000
+    assert len(part.emitted) == 30_000

@@ -175,7 +175,7 @@ def test_the_ledger_keeps_the_highest_offset_whoever_wrote_last() -> None:
         LedgerRecord(b"c1", b"12", 1, 0),  # a stale worker's late write
         LedgerRecord(b"c2", b"7", 2, 0),
     ]
-    stitcher._apply_ledger(0, part, records)  # type: ignore[arg-type]
+    stitcher._fold_ledger(0, part, records)
     assert part.ledger == {"c1": 40, "c2": 7}
 
 
