@@ -11,6 +11,7 @@ BENCHMARKS: dict[str, str] = {
     "e2e": "benchmarks.e2e",
     "profile": "benchmarks.profile",
     "publisher": "benchmarks.publisher",
+    "ledger_load": "benchmarks.ledger_load",
     "restart": "benchmarks.restart",
     "soak": "benchmarks.soak",
     "usage_read": "benchmarks.usage_read",
