@@ -1,11 +1,14 @@
 """Does reading usage slow stitching? (``./dev bench usage_read``)
 
-One worker on a fresh embedded broker, with usage history (tiny completions over 30
-simulated days). Paced stitching load (20-chunk streams, end marker to response latency
-measured as in ``./dev bench e2e``), in alternating trials: quiet, then with bursts of
-200 concurrent ``GET /usage`` requests every second (a separate load process, so the
-measuring process is not slowed by it), repeated. The broker slows as its store grows,
-so the trials alternate and the ratio is taken between neighbours.
+Rounds of trials, each round on a **fresh embedded broker** and worker with the usage
+history loaded again (tiny completions over 30 simulated days, stitched and in the usage
+view before the round's first trial). Paced stitching load (20-chunk streams, end marker
+to response latency measured as in ``./dev bench e2e``) in a quiet trial and in one with
+bursts of 200 concurrent ``GET /usage`` requests every second (a separate load process,
+so the measuring process is not slowed by it); the order alternates across rounds
+(quiet first in odd rounds, loaded first in even ones). The in-memory broker slows as its
+store grows (within minutes its CPU per trial had tripled and later rounds were void), so
+no round inherits another's store, and the ratio is taken within a round.
 
 To tell CPU contention from anything else, every trial reports the CPU seconds that the
 worker, its usage server process, the broker, the load generator, this measuring process
@@ -17,7 +20,7 @@ usage server at niceness N (every thread, ``setpriority``), the other loaded tri
 the two loaded kinds swap order every round.
 
 Every round is printed as it ends. A round in which some response had not arrived 60 s
-after the last send is void and ends the run (the worker fell behind; the CPU columns say
+after the last send is void and left out (the worker fell behind; the CPU columns say
 on what). The summary gives the ratios over every round and over the clean ones, where
 the rest of the machine (other people's jobs) used at most ``--other-max`` cores during
 each trial, and the p99 of all quiet samples against all loaded ones (pooled).
@@ -37,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,8 +253,9 @@ class Bench:
         out["busy"] = _busy_s()
         return out
 
-    def trial(self, kind: str, seed: int, nice: int | None) -> Trial:
+    def trial(self, kind: str, seed: int, nice: int | None, seconds: float | None = None) -> Trial:
         args = self.args
+        seconds = args.seconds if seconds is None else seconds
         if args.pin:  # threads started since the last trial
             for role, cpu in (("worker", 0), ("broker", 0), ("usage", 1)):
                 _pin(self.pids[role], cpu)
@@ -265,13 +270,13 @@ class Bench:
                 LOAD,
                 str(self.settings.usage_port),
                 str(args.burst),
-                str(args.seconds + 2),
+                str(seconds + 2),
             ]
             if args.pin:
                 cmd = ["taskset", "-c", "1", *cmd]
             load = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         before, t0 = self._cpu(), time.monotonic()
-        lat, missing = asyncio.run(_paced_latency(self.settings, args.rate, args.seconds, seed))
+        lat, missing = asyncio.run(_paced_latency(self.settings, args.rate, seconds, seed))
         after, wall = self._cpu(), time.monotonic() - t0
         cpu = {role: after[role] - before[role] for role in after}
         info: dict[str, Any] = {}
@@ -321,7 +326,12 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks usage_read")
     parser.add_argument("--rate", type=float, default=600.0, help="stitching records/s")
     parser.add_argument("--seconds", type=float, default=20.0, help="per trial")
-    parser.add_argument("--pairs", type=int, default=6, help="rounds of quiet + loaded")
+    parser.add_argument(
+        "--pairs", type=int, default=6, help="rounds of quiet + loaded, each on a fresh broker"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=10.0, help="seconds of a warm-up trial per round"
+    )
     parser.add_argument("--burst", type=int, default=200)
     parser.add_argument("--history", type=int, default=20_000, help="completions of history")
     parser.add_argument(
@@ -348,64 +358,102 @@ def main(argv: list[str]) -> None:
     if args.pin and not {0, 1} <= os.sched_getaffinity(0):
         raise SystemExit("--pin needs CPUs 0 and 1 available to this process; leave out --pin")
     extra = dict(kv.split("=", 1) for kv in args.worker_env)
+    cache_s = extra.get("CHUNKSTITCH_USAGE_CACHE_S", Settings().usage_cache_s)
     loaded_kinds = ["loaded"] if args.nice is None else ["loaded", f"loaded+n{args.nice}"]
     print(
         f"usage_read: {args.pairs} rounds of {1 + len(loaded_kinds)} trials x {args.seconds:.0f} s "
         f"at {args.rate:.0f} records/s, bursts of {args.burst} /usage per second, "
-        f"{'pinned' if args.pin else 'not pinned'} ({os.cpu_count()} CPUs)",
+        f"{'pinned' if args.pin else 'not pinned'} ({os.cpu_count()} CPUs), a fresh broker "
+        f"per round; usage cache {cache_s} s",
         flush=True,
     )
     rounds: list[dict[str, Trial]] = []
+    void = 0
     with tempfile.TemporaryDirectory(prefix="cs-usage-read-") as tmp_s:
-        tmp = Path(tmp_s)
-        with EmbeddedBroker() as broker:
-            settings = _settings(broker.bootstrap, tmp, web_port=free_port())
-            asyncio.run(create_topics(settings))
-            proc = _worker(settings, tmp / "worker.log", extra)
-            try:
-                _wait_ready(_http_ready(settings.web_port), proc)
-                print(f"publishing {args.history:,} completions of history", flush=True)
-                asyncio.run(
-                    _publish(
-                        broker.bootstrap,
-                        settings.topic_chunks,
-                        _history(0, args.history, args.history),
-                    )
+        for n in range(args.pairs):
+            order = ["quiet", *loaded_kinds] if n % 2 == 0 else ["quiet", *loaded_kinds][::-1]
+            row = _round(args, Path(tmp_s) / f"round-{n + 1}", n, order, extra)
+            print(f"round {n + 1} (fresh broker; order {', '.join(order)}):", flush=True)
+            for kind in order:
+                print(_line(kind, row[kind], None if kind == "quiet" else row["quiet"]), flush=True)
+            lost = sum(t.missing for t in row.values())
+            if lost:
+                void += 1
+                print(
+                    f"round {n + 1} is void (not counted): {lost} responses had not arrived "
+                    "60 s after the last send (the worker fell behind; see the CPU columns)",
+                    flush=True,
                 )
-                asyncio.run(asyncio.sleep(10))  # history stitched, folded and in the view
-                assert broker._proc is not None
-                pids = {
-                    "worker": proc.pid,
-                    "usage": _usage_pid(proc.pid),
-                    "broker": broker._proc.pid,
-                }
-                bench = Bench(args, settings, pids)
-                base_nice = 0 if args.nice is not None else None
-                warm = bench.trial("quiet", 999, base_nice)  # catching up; not counted
-                print(f"warm-up (not counted): p99 {warm.p['p99_ms']:.1f} ms", flush=True)
-                for n in range(args.pairs):
-                    row = {"quiet": bench.trial("quiet", n, base_nice)}
-                    kinds = loaded_kinds if n % 2 == 0 else loaded_kinds[::-1]
-                    for i, kind in enumerate(kinds):
-                        nice = args.nice if kind != "loaded" else base_nice
-                        row[kind] = bench.trial(kind, 100 * (i + 1) + n, nice)
-                    print(f"round {n + 1}:", flush=True)
-                    print(_line("quiet", row["quiet"], None), flush=True)
-                    for kind in kinds:
-                        print(_line(kind, row[kind], row["quiet"]), flush=True)
-                    lost = sum(t.missing for t in row.values())
-                    if lost:
-                        print(
-                            f"round {n + 1} is void and the run stops: {lost} responses had "
-                            "not arrived 60 s after the last send (the worker fell behind; "
-                            "see the CPU columns)",
-                            flush=True,
-                        )
-                        break
-                    rounds.append(row)
-            finally:
-                _stop(proc)
+                continue
+            rounds.append(row)
+    if void:
+        print(f"{void} void round(s) of {args.pairs} left out")
     _summary(rounds, loaded_kinds, args.other_max)
+
+
+def _round(
+    args: argparse.Namespace, tmp: Path, n: int, order: list[str], extra: dict[str, str]
+) -> dict[str, Trial]:
+    """One round on a broker and worker of its own: history loaded and in the view, a
+    warm-up trial (not counted), then the trials of ``order``."""
+    tmp.mkdir(parents=True)
+    with EmbeddedBroker() as broker:
+        settings = _settings(broker.bootstrap, tmp, web_port=free_port())
+        asyncio.run(create_topics(settings))
+        proc = _worker(settings, tmp / "worker.log", extra)
+        try:
+            _wait_ready(_http_ready(settings.web_port), proc)
+            print(f"round {n + 1}: publishing {args.history:,} completions of history", flush=True)
+            began = time.monotonic()
+            asyncio.run(
+                _publish(
+                    broker.bootstrap, settings.topic_chunks, _history(0, args.history, args.history)
+                )
+            )
+            _wait_history(settings.usage_port, args.history, proc)
+            print(
+                f"round {n + 1}: history stitched and in the usage view after "
+                f"{time.monotonic() - began:.0f} s",
+                flush=True,
+            )
+            assert broker._proc is not None
+            pids = {"worker": proc.pid, "usage": _usage_pid(proc.pid), "broker": broker._proc.pid}
+            bench = Bench(args, settings, pids)
+            base_nice = 0 if args.nice is not None else None
+            warm = bench.trial("quiet", 999, base_nice, seconds=args.warmup)
+            print(
+                f"round {n + 1}: warm-up (not counted): p99 {warm.p['p99_ms']:.1f} ms", flush=True
+            )
+            row = {}
+            for i, kind in enumerate(order):
+                nice = args.nice if kind not in ("quiet", "loaded") else base_nice
+                row[kind] = bench.trial(kind, 100 * i + n, nice)
+            return row
+        finally:
+            _stop(proc)
+
+
+def _wait_history(port: int, completions: int, proc: subprocess.Popen[bytes]) -> None:
+    """Until the usage view counts every completion of the history (180 s at most)."""
+    url = f"http://127.0.0.1:{port}/usage?window=1d&by=tenant&limit=10000"
+    counted = 0
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the worker exited with {proc.returncode}; see its log")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                rows = json.loads(r.read())["rows"]
+            counted = sum(row["totals"]["requests"] for row in rows)
+        except (OSError, ValueError):
+            pass
+        if counted >= completions:
+            return
+        time.sleep(1)
+    raise RuntimeError(
+        f"the usage view counted {counted:,} of {completions:,} history completions after "
+        "180 s: the worker is behind or not folding usage; see its log"
+    )
 
 
 def _summary(rounds: list[dict[str, Trial]], kinds: list[str], other_max: float) -> None:

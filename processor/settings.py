@@ -244,6 +244,13 @@ class Settings(BaseSettings):
         description="Niceness of the usage server process (process mode): above 0 it "
         "yields the CPU to the stitcher when they share cores; /usage answers slower then.",
     )
+    usage_cache_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="/usage reuses an encoded page for this long at most, and only while no "
+        "rollup was applied to the read model since (256 pages, least recently used "
+        "dropped); 0 turns the cache off.",
+    )
     usage_view_wait_s: float = Field(
         default=10.0, ge=0, description="/usage waits this long for the read model to catch up."
     )

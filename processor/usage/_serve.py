@@ -45,6 +45,7 @@ from processor._procs import terminate
 from processor.logs import configure_logging, get_logger
 from processor.pricing import PRICE_DATA
 from processor.settings import Settings
+from processor.usage._cache import PageCache
 from processor.usage._history import History
 from processor.usage._view import (
     HOUR_MS,
@@ -82,6 +83,8 @@ class UsageService:
         self.settings = settings
         self.view: UsageView = view_for(settings)
         self.history = History(settings)
+        self.cache = PageCache(settings.usage_cache_s)
+        """Encoded pages of the view, by canonical query and view version."""
         self.error: str | None = None
         self.port: int | None = None
         """The port it listens on, once it does."""
@@ -98,8 +101,9 @@ class UsageService:
         denied = check_bearer(request.headers.get("Authorization"), settings.api_token)
         if denied is not None:
             return web.json_response(denied.body, status=denied.status, headers=denied.headers)
+        params = dict(request.query)
         try:
-            query = UsageQuery.parse(dict(request.query), limit_max=settings.usage_query_limit_max)
+            query = UsageQuery.parse(params, limit_max=settings.usage_query_limit_max)
         except QueryError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         if self.history.wanted(query.since_ms):  # beyond the live retention: PostgreSQL
@@ -118,7 +122,7 @@ class UsageService:
                 return web.json_response(
                     {"rows": rows, "next_cursor": None, "price_data": PRICE_DATA}
                 )
-        page = await self._page(query)
+        page = await self._page(query, params)
         if page is None:
             return web.json_response(
                 {"error": "the usage view is still reading the rollup topics; retry shortly"},
@@ -127,16 +131,22 @@ class UsageService:
             )
         return web.Response(body=page, content_type="application/json")
 
-    async def _page(self, query: UsageQuery) -> bytes | None:
-        """The page as JSON, or None if the view is still catching up after
-        ``usage_view_wait_s``."""
+    async def _page(self, query: UsageQuery, params: dict[str, str]) -> bytes | None:
+        """The page as JSON (from the page cache while the view has not changed), or
+        None if the view is still catching up after ``usage_view_wait_s``."""
         waited = 0.0
         while not self.view.caught_up:
             if waited >= self.settings.usage_view_wait_s:
                 return None
             await asyncio.sleep(0.05)
             waited += 0.05
-        return _encode(self.view.query(query))
+        # No await from here on: a page is looked up, computed and stored before any other
+        # request runs (the rollup consumer too: it shares this loop), so identical
+        # concurrent misses compute it once and the page is the one of `view.version`.
+        view = self.view
+        return self.cache.page(
+            query.cache_key(params), view.version, lambda: _encode(view.query(query))
+        )
 
     # --- running -------------------------------------------------------------------------
 
@@ -174,6 +184,7 @@ class UsageService:
                     await asyncio.to_thread(stop.wait, backoff)  # requests go on meanwhile
                     backoff = min(backoff * 2, 30.0)
                     self.view = view_for(settings)  # start over: 503 until caught up
+                    self.cache.clear()  # the new view's versions start over
         finally:
             await runner.cleanup()
             await self.history.close()

@@ -29,7 +29,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -92,6 +92,14 @@ def window_label(ms: int) -> str:
     return f"@{ms}ms"
 
 
+def _ago_ms(value: Any) -> int | None:
+    """A relative time (``15m``, ``3h``, ``7d``) as milliseconds before now, else None."""
+    if not isinstance(value, str):
+        return None
+    match = re.fullmatch(r"(\d+)([smhd])", value.strip())
+    return int(match[1]) * _UNITS[match[2]] if match else None
+
+
 def _parse_time(name: str, value: Any, now_ms: int) -> int | None:
     if value is None or value == "":
         return None
@@ -103,8 +111,8 @@ def _parse_time(name: str, value: Any, now_ms: int) -> int | None:
         text = str(value).strip()
         if re.fullmatch(r"-?\d+", text):
             ms = int(text)
-        elif match := re.fullmatch(r"(\d+)([smhd])", text):
-            ms = now_ms - int(match[1]) * _UNITS[match[2]]
+        elif (ago := _ago_ms(text)) is not None:
+            ms = now_ms - ago
         else:
             try:
                 parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -178,6 +186,18 @@ class UsageQuery(BaseModel):
         out = {d: getattr(self, d) for d in ALL_DIMENSIONS if getattr(self, d)}
         out.update({"attr." + k: v for k, v in self.attributes})
         return out
+
+    def cache_key(self, params: Mapping[str, Any]) -> Hashable:
+        """This query in a canonical form that does not depend on the time it was parsed:
+        the validated model, except that a ``since`` / ``until`` given relative to now in
+        ``params`` (the parameters it was parsed from) stays relative (``3h`` and ``180m``
+        are the same key; an absolute time is its epoch ms). Two requests with the same
+        key ask for the same page of the same view at the same moment."""
+        times = []
+        for name, value in (("since", self.since_ms), ("until", self.until_ms)):
+            ago = _ago_ms(params.get(name, params.get(f"{name}_ms")))
+            times.append(("ago", ago) if ago is not None else ("at", value))
+        return (self.model_copy(update={"since_ms": None, "until_ms": None}), *times)
 
     @classmethod
     def parse(
@@ -350,6 +370,9 @@ class UsageView:
         self.records = 0
         self.ignored = 0
         self.caught_up = False
+        self.version = 0
+        """Bumped whenever rollups are applied: a page computed at one version is the
+        page of any later moment with the same version (``processor.usage._cache``)."""
 
     # --- maintenance ---------------------------------------------------------------------
 
@@ -365,12 +388,16 @@ class UsageView:
                 )
             except ValidationError:
                 self.ignored += 1
+        if not parsed:
+            return
         with self.lock:
+            self.version += 1
             for record_key, rollup in parsed:
                 self._apply(record_key, rollup)
 
     def apply(self, record_key: str, rollup: UsageRollup) -> None:
         with self.lock:
+            self.version += 1
             self._apply(record_key, rollup)
 
     def _apply(self, record_key: str, rollup: UsageRollup) -> None:
