@@ -177,6 +177,11 @@ class _FetchAhead:
             while True:
                 await self._running.wait()
                 await self._room.wait()
+                consumer = self._consumer
+                if not consumer.flow_active:
+                    # faust's fetch waits for this too; the tag is taken after it, so the
+                    # first fetch of a new assignment is current, not dropped as stale.
+                    await consumer.wait(consumer.can_resume_flow)
                 if not self._running.is_set():
                     continue
                 tag = self._tag()
@@ -276,7 +281,13 @@ def _batch_consumer_class() -> type:
                     await asyncio.sleep(0)
                     if self.should_stop:
                         continue
-                    if stale or not self.flow_active:
+                    if stale or (not self.flow_active and (ahead is None or entries)):
+                        # something fetched is dropped (an empty fetch ahead drops nothing)
+                        log.info(
+                            "fetched records dropped: a rebalance began; seeking back",
+                            stale=stale,
+                            flow_active=self.flow_active,
+                        )
                         await self._reseek(ahead)
                         continue
                     if entries:
@@ -301,10 +312,23 @@ def _batch_consumer_class() -> type:
             # Records fetched are dropped and every partition sought back to its committed
             # offset, as faust's own getmany does when the flow is stopped; no fetch is in
             # flight during the seek, so none can return records from before it.
+            # aiokafka's seek_to_committed leaves a partition without a committed offset
+            # (or at 0) where it is, past the records just dropped, which would lose them:
+            # those are sought to their beginning, where a new assignment would put them.
             if ahead is not None:
                 await ahead.pause()
             try:
                 await self.perform_seek()
+                read_offset = self._read_offset
+                fresh = [tp for tp in self.assignment() if not read_offset.get(tp)]
+                if fresh:
+                    from aiokafka import TopicPartition
+
+                    await self._thread.seek_to_beginning(
+                        *(TopicPartition(tp.topic, tp.partition) for tp in fresh)
+                    )
+                    for tp in fresh:
+                        read_offset[tp] = None
             except Exception as exc:  # as faust's own getmany does
                 self.log.warning(f"exception performing seek when flow not active {exc}")
             finally:

@@ -121,3 +121,22 @@ def test_the_rebalance_marks_the_fetch_ahead_relies_on() -> None:
     assert "consumer_generation_id = generation" in assigned, (
         "aiokafka driver's on_partitions_assigned no longer sets app.consumer_generation_id"
     )
+
+
+def test_the_seek_back_rewinds_what_seek_to_committed_leaves_in_place() -> None:
+    # _reseek drops fetched records and seeks back. aiokafka's seek_to_committed moves only
+    # partitions with a committed offset > 0; faust's perform_seek then leaves their read
+    # offset None (or 0), and _reseek seeks those to their beginning through the consumer
+    # thread. If aiokafka starts seeking every partition, the rewind is merely redundant;
+    # if these names change, the rewind is gone and dropped records would be lost.
+    from aiokafka import AIOKafkaConsumer
+    from faust.transport.consumer import Consumer
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    committed = inspect.getsource(AIOKafkaConsumer.seek_to_committed)
+    assert "offset > 0" in committed or "offset is not None" in committed, committed
+    assert "_read_offset" in inspect.getsource(Consumer.perform_seek)
+    params = list(inspect.signature(AIOKafkaConsumerThread.seek_to_beginning).parameters)
+    assert params == ["self", "partitions"], f"seek_to_beginning takes {params}"
+    assert "can_resume_flow" in inspect.getsource(Consumer.__init__)
+    assert "can_resume_flow" in inspect.getsource(Consumer._wait_next_records)

@@ -19,6 +19,19 @@ class FakeConsumer:
         self.fetches: asyncio.Queue[tuple[asyncio.Event, Any]] = asyncio.Queue()
         self.calls = 0
         self.in_flight = 0
+        self.flow_active = True
+        self.can_resume_flow = asyncio.Event()
+
+    async def wait(self, event: asyncio.Event) -> None:
+        await event.wait()
+
+    def stop_flow(self) -> None:
+        self.flow_active = False
+        self.can_resume_flow.clear()
+
+    def resume_flow(self) -> None:
+        self.flow_active = True
+        self.can_resume_flow.set()
 
     def give(self, records: Any) -> asyncio.Event:
         release = asyncio.Event()
@@ -142,6 +155,26 @@ async def test_an_empty_fetch_still_wakes_the_drain_loop() -> None:
         c.give({}).set()
         entries, stale = await asyncio.wait_for(ahead.take(0), 5)
         assert entries == []
+        assert not stale
+    finally:
+        await ahead.close()
+
+
+async def test_a_fetch_waits_for_the_flow_and_is_tagged_after_it() -> None:
+    # The first fetch of a new assignment must be current: tagged once the flow resumes,
+    # not with the rebalance that stopped it (it would be dropped and sought back).
+    c = FakeConsumer()
+    c.stop_flow()
+    mark = {"tag": "old"}
+    ahead = _FetchAhead(c, cap=100, tag=lambda: mark["tag"])
+    try:
+        await settle()
+        assert c.calls == 0  # no fetch while the flow is stopped
+        mark["tag"] = "new"
+        c.resume_flow()
+        c.give(recs("a", 7)).set()
+        entries, stale = await asyncio.wait_for(ahead.take("new"), 2)
+        assert [r for r, _ in entries] == [recs("a", 7)]
         assert not stale
     finally:
         await ahead.close()
