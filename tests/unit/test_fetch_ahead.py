@@ -5,6 +5,8 @@ broker in tests/integration (crash, two-worker, backlog, compatibility tests).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -55,6 +57,15 @@ def recs(tp: str, *offsets: int) -> dict[str, list[int]]:
     return {tp: list(offsets)}
 
 
+@contextlib.asynccontextmanager
+async def fetching(c: FakeConsumer, cap: int, tag: Any) -> AsyncIterator[_FetchAhead]:
+    ahead = _FetchAhead(c, cap=cap, tag=tag)
+    try:
+        yield ahead
+    finally:
+        await ahead.close()
+
+
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
@@ -62,22 +73,18 @@ async def settle() -> None:
 
 async def test_fetches_made_during_a_round_are_taken_together_in_order() -> None:
     c = FakeConsumer()
-    ahead = _FetchAhead(c, cap=100, tag=lambda: "g1")
-    try:
+    async with fetching(c, cap=100, tag=lambda: "g1") as ahead:
         c.give(recs("a", 1, 2)).set()
         c.give(recs("a", 3)).set()
         await settle()
         entries, stale = await ahead.take("g1")
         assert [r for r, _ in entries] == [recs("a", 1, 2), recs("a", 3)]
         assert not stale
-    finally:
-        await ahead.close()
 
 
 async def test_it_stops_fetching_at_the_cap_until_the_buffer_is_taken() -> None:
     c = FakeConsumer()
-    ahead = _FetchAhead(c, cap=3, tag=lambda: 0)
-    try:
+    async with fetching(c, cap=3, tag=lambda: 0) as ahead:
         c.give(recs("a", 1, 2)).set()
         c.give(recs("a", 3, 4)).set()  # reaches the cap
         c.give(recs("a", 5)).set()
@@ -89,15 +96,12 @@ async def test_it_stops_fetching_at_the_cap_until_the_buffer_is_taken() -> None:
         assert c.calls >= 3
         entries, _ = await ahead.take(0)
         assert [r for r, _ in entries] == [recs("a", 5)]
-    finally:
-        await ahead.close()
 
 
 async def test_a_fetch_begun_under_another_tag_is_stale() -> None:
     c = FakeConsumer()
     tag = ["rebalance-1"]
-    ahead = _FetchAhead(c, cap=100, tag=lambda: tag[0])
-    try:
+    async with fetching(c, cap=100, tag=lambda: tag[0]) as ahead:
         release = c.give(recs("a", 7))
         await settle()  # the fetch is in flight under rebalance-1
         tag[0] = "rebalance-2"
@@ -106,14 +110,11 @@ async def test_a_fetch_begun_under_another_tag_is_stale() -> None:
         entries, stale = await ahead.take(tag[0])
         assert stale
         assert entries
-    finally:
-        await ahead.close()
 
 
 async def test_pause_waits_for_the_fetch_in_flight_and_drops_it() -> None:
     c = FakeConsumer()
-    ahead = _FetchAhead(c, cap=100, tag=lambda: 0)
-    try:
+    async with fetching(c, cap=100, tag=lambda: 0) as ahead:
         release = c.give(recs("a", 1))
         await settle()
         assert c.in_flight == 1
@@ -132,32 +133,24 @@ async def test_pause_waits_for_the_fetch_in_flight_and_drops_it() -> None:
         entries, stale = await ahead.take(0)
         assert [r for r, _ in entries] == [recs("a", 2)], "the paused fetch was not dropped"
         assert not stale
-    finally:
-        await ahead.close()
 
 
 async def test_an_error_of_the_fetch_reaches_the_drain_loop() -> None:
     c = FakeConsumer()
-    ahead = _FetchAhead(c, cap=100, tag=lambda: 0)
-    try:
+    async with fetching(c, cap=100, tag=lambda: 0) as ahead:
         c.give(RuntimeError("consumer stopped")).set()
         with pytest.raises(RuntimeError, match="consumer stopped"):
             await asyncio.wait_for(ahead.take(0), 5)
-    finally:
-        await ahead.close()
 
 
 async def test_an_empty_fetch_still_wakes_the_drain_loop() -> None:
     # the drain loop checks for a stop between fetches, as faust's loop does
     c = FakeConsumer()
-    ahead = _FetchAhead(c, cap=100, tag=lambda: 0)
-    try:
+    async with fetching(c, cap=100, tag=lambda: 0) as ahead:
         c.give({}).set()
         entries, stale = await asyncio.wait_for(ahead.take(0), 5)
         assert entries == []
         assert not stale
-    finally:
-        await ahead.close()
 
 
 async def test_a_fetch_waits_for_the_flow_and_is_tagged_after_it() -> None:
@@ -166,8 +159,7 @@ async def test_a_fetch_waits_for_the_flow_and_is_tagged_after_it() -> None:
     c = FakeConsumer()
     c.stop_flow()
     mark = {"tag": "old"}
-    ahead = _FetchAhead(c, cap=100, tag=lambda: mark["tag"])
-    try:
+    async with fetching(c, cap=100, tag=lambda: mark["tag"]) as ahead:
         await settle()
         assert c.calls == 0  # no fetch while the flow is stopped
         mark["tag"] = "new"
@@ -176,5 +168,3 @@ async def test_a_fetch_waits_for_the_flow_and_is_tagged_after_it() -> None:
         entries, stale = await asyncio.wait_for(ahead.take("new"), 2)
         assert [r for r, _ in entries] == [recs("a", 7)]
         assert not stale
-    finally:
-        await ahead.close()
