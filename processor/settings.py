@@ -71,6 +71,13 @@ class Settings(BaseSettings):
         "whatever one fetch returned).",
     )
 
+    fetch_ahead: bool = Field(
+        default=True,
+        description="Take the chunk topic's next fetches while a round runs (at most "
+        "about batch_max records buffered), so records published during a long round go "
+        "into the next one instead of waiting for aiokafka to fetch again after it.",
+    )
+
     # --- completion detection ------------------------------------------------------------
     usage_grace_s: float = Field(
         default=2.0, ge=0, description="Wait for usage after all choices finished."

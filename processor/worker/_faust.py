@@ -18,10 +18,14 @@ What is overridden, and why:
    around that: flow control (no records while the flow is stopped for a rebalance), the
    generation check (a batch fetched before a rebalance is dropped), read offsets and gap
    tracking (so commits step over compacted or transactional gaps as faust does), and the
-   ``broker_commit_every`` trigger. Acknowledgements go into faust's own commit bookkeeping
-   (:func:`ack_offsets`, the same steps as ``Consumer.ack`` under ``ack_lock``), so
-   faust's commit logic, commit interval and rebalance handling stay as they are. Records of
-   every other topic (the usage agent's) take faust's ordinary per-message path.
+   ``broker_commit_every`` trigger. With ``CHUNKSTITCH_FETCH_AHEAD`` (:class:`_FetchAhead`)
+   the next fetches are taken while a round runs, so that aiokafka fetches again at once;
+   a fetch that began before a rebalance (``app.rebalancing_count``) or in another
+   generation is dropped and every partition sought back. Acknowledgements go into faust's
+   own commit bookkeeping (:func:`ack_offsets`, the same steps as ``Consumer.ack`` under
+   ``ack_lock``), so faust's commit logic, commit interval and rebalance handling stay as
+   they are. Records of every other topic (the usage agent's) take faust's ordinary
+   per-message path.
 
 3. **Membership lease** (``aiokafka``'s ``GroupCoordinator._send_req``). The stitcher
    emits only while the worker holds a lease that the group coordinator renewed: a
@@ -139,6 +143,94 @@ def ack_offsets(consumer: Any, tp: Any, offsets: Sequence[int]) -> None:
         notify(consumer._waiting_for_ack)
 
 
+class _FetchAhead:
+    """Fetches the chunk topic's next records while the stitcher runs a round.
+
+    aiokafka fetches a partition again only once its buffered records have been handed
+    out, so with one fetch per round a record published during a long round waits for
+    that round and for the next one too. This task keeps taking fetches (faust's
+    ``_wait_next_records``, flow control included) into a buffer of at most about ``cap``
+    records (one fetch more may land on top), which the drain loop takes whole for its
+    next round. Each fetch is tagged with the rebalance and generation it began in; the
+    drain loop drops the buffer and seeks back when a tag is not current. A fetch is never
+    cancelled while the consumer runs: records it took from aiokafka would be lost until
+    the next seek, so :meth:`pause` waits for the one in flight instead."""
+
+    def __init__(self, consumer: Any, cap: int, tag: Callable[[], object]) -> None:
+        self._consumer = consumer
+        self._cap = cap
+        self._tag = tag
+        self._entries: list[tuple[object, Any, Any]] = []
+        self._count = 0
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()  # something to take: entries, an empty fetch, an error
+        self._room = asyncio.Event()  # the buffer is below cap
+        self._room.set()
+        self._running = asyncio.Event()  # not paused
+        self._running.set()
+        self._idle = asyncio.Event()  # no fetch in flight
+        self._idle.set()
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self._running.wait()
+                await self._room.wait()
+                consumer = self._consumer
+                if not consumer.flow_active:
+                    # faust's fetch waits for this too; the tag is taken after it, so the
+                    # first fetch of a new assignment is current, not dropped as stale.
+                    await consumer.wait(consumer.can_resume_flow)
+                if not self._running.is_set():
+                    continue
+                tag = self._tag()
+                self._idle.clear()
+                try:
+                    records, active = await self._consumer._wait_next_records(1.0)
+                finally:
+                    self._idle.set()
+                if records and self._running.is_set():
+                    n = sum(len(r) for r in records.values())
+                    if n:
+                        self._entries.append((tag, records, active))
+                        self._count += n
+                        if self._count >= self._cap:
+                            self._room.clear()
+                self._ready.set()
+        except Exception as exc:  # handed to the drain loop, which raises it
+            self._error = exc
+            self._ready.set()
+
+    async def take(self, tag: object) -> tuple[list[tuple[Any, Any]], bool]:
+        """The fetches buffered so far (waiting for one), and whether any is stale."""
+        await self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        entries, self._entries = self._entries, []
+        self._count = 0
+        self._ready.clear()
+        self._room.set()
+        stale = any(t != tag for t, _, _ in entries)
+        return [(records, active) for _, records, active in entries], stale
+
+    async def pause(self) -> None:
+        """Stop fetching, wait for the fetch in flight, drop what is buffered."""
+        self._running.clear()
+        await self._idle.wait()
+        self._entries = []
+        self._count = 0
+        self._ready.clear()
+        self._room.set()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
 def _batch_consumer_class() -> type:
     from faust.transport.consumer import CONSUMER_FETCHING
     from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
@@ -147,6 +239,7 @@ def _batch_consumer_class() -> type:
         """faust's aiokafka consumer with a batch path for one topic (see the module doc)."""
 
         batch_handler: BatchHandler | None = None
+        fetch_ahead: int = 0
 
         async def _drain_messages(self, fetcher: Any) -> None:
             handler = self.batch_handler
@@ -169,30 +262,97 @@ def _batch_consumer_class() -> type:
                 raise
 
         async def _drain_batches(self, fetcher: Any, handler: BatchHandler) -> None:
-            callback = self.callback
             consumer_stopped = self._stopped.is_set
             fetcher_stopped = fetcher._stopped.is_set
+            app = self.app
+            ahead = (
+                _FetchAhead(self, self.fetch_ahead, self._fetch_tag) if self.fetch_ahead else None
+            )
+            try:
+                while not (consumer_stopped() or fetcher_stopped()):
+                    self.diag.set_flag(CONSUMER_FETCHING)
+                    stale = False
+                    if ahead is None:
+                        records, active = await self._wait_next_records(1.0)
+                        entries = [] if records is None else [(records, active)]
+                    else:
+                        entries, stale = await ahead.take(self._fetch_tag())
+                    generation = app.consumer_generation_id
+                    await asyncio.sleep(0)
+                    if self.should_stop:
+                        continue
+                    if stale or (not self.flow_active and (ahead is None or entries)):
+                        # something fetched is dropped (an empty fetch ahead drops nothing)
+                        log.info(
+                            "fetched records dropped: a rebalance began; seeking back",
+                            stale=stale,
+                            flow_active=self.flow_active,
+                        )
+                        await self._reseek(ahead)
+                        continue
+                    if entries:
+                        await self._handle_entries(entries, handler, generation)
+                    commit_every = self._commit_every
+                    if commit_every is not None and self._n_acked >= commit_every:
+                        self._n_acked = 0
+                        await self.commit()
+                    self.diag.unset_flag(CONSUMER_FETCHING)
+            finally:
+                if ahead is not None:
+                    await ahead.close()
+
+        def _fetch_tag(self) -> tuple[int, int]:
+            # A fetch is good only in the rebalance and generation it began in:
+            # ``rebalancing_count`` moves at the first sign of a revocation (in the consumer
+            # thread), ``consumer_generation_id`` at the assignment, before faust's recovery
+            # seeks back to the committed offsets.
+            return (self.app.rebalancing_count, self.app.consumer_generation_id)
+
+        async def _reseek(self, ahead: _FetchAhead | None) -> None:
+            # Records fetched are dropped and every partition sought back to its committed
+            # offset, as faust's own getmany does when the flow is stopped; no fetch is in
+            # flight during the seek, so none can return records from before it.
+            # aiokafka's seek_to_committed leaves a partition without a committed offset
+            # (or at 0) where it is, past the records just dropped, which would lose them:
+            # those are sought to their beginning, where a new assignment would put them.
+            if ahead is not None:
+                await ahead.pause()
+            try:
+                await self.perform_seek()
+                read_offset = self._read_offset
+                fresh = [tp for tp in self.assignment() if not read_offset.get(tp)]
+                if fresh:
+                    from aiokafka import TopicPartition
+
+                    await self._thread.seek_to_beginning(
+                        *(TopicPartition(tp.topic, tp.partition) for tp in fresh)
+                    )
+                    for tp in fresh:
+                        read_offset[tp] = None
+            except Exception as exc:  # as faust's own getmany does
+                self.log.warning(f"exception performing seek when flow not active {exc}")
+            finally:
+                if ahead is not None:
+                    ahead.resume()
+
+        async def _handle_entries(
+            self,
+            entries: list[tuple[Any, set[Any] | None]],
+            handler: BatchHandler,
+            generation: int,
+        ) -> None:
+            callback = self.callback
             read_offset = self._read_offset
             acks_enabled_for = self.app.topics.acks_enabled_for
             topic = handler.topic
             app = self.app
-            while not (consumer_stopped() or fetcher_stopped()):
-                self.diag.set_flag(CONSUMER_FETCHING)
-                records, active = await self._wait_next_records(1.0)
-                generation = app.consumer_generation_id
-                await asyncio.sleep(0)
-                if records is None or self.should_stop:
-                    continue
-                if not self.flow_active:
-                    try:
-                        await self.perform_seek()
-                    except Exception as exc:  # as faust's own getmany does
-                        self.log.warning(f"exception performing seek when flow not active {exc}")
-                    continue
-                highwaters: dict[int, int | None] = {}
-                batch: list[tuple[Any, Sequence[Any]]] = []
-                others: list[tuple[Any, Sequence[Any]]] = []
-                recs: Sequence[Any]
+            highwaters: dict[int, int | None] = {}
+            merged: dict[Any, list[Any]] = {}
+            others: list[tuple[Any, Sequence[Any]]] = []
+            # the last offset taken per partition, across the entries of this round
+            lasts: dict[Any, int | None] = {}
+            recs: Sequence[Any]
+            for records, active in entries:
                 for tp, recs in records.items():
                     if not recs or (
                         active is not None
@@ -202,7 +362,7 @@ def _batch_consumer_class() -> type:
                         continue
                     # faust's read offset: the last offset taken, or after a seek the
                     # committed one (the next to take); like faust, take offset >= it.
-                    last = read_offset[tp]
+                    last = lasts[tp] if tp in lasts else read_offset[tp]
                     if last is not None and recs[0].offset < last:
                         recs = [r for r in recs if r.offset >= last]
                         if not recs:
@@ -217,41 +377,41 @@ def _batch_consumer_class() -> type:
                             if r.offset - prev > 1:
                                 await self._add_gap(tp, prev + 1, r.offset)
                             prev = r.offset
+                    lasts[tp] = recs[-1].offset
                     if tp.topic == topic:
-                        batch.append((tp, recs))
+                        if tp in merged:
+                            merged[tp].extend(recs)
+                        else:
+                            merged[tp] = list(recs)
                         highwaters[tp.partition] = self.highwater(tp)
                     else:
                         others.append((tp, recs))
-                if batch:
-                    handler.fetched(highwaters)
-                    await handler.wait_for_lease()
+            if merged:
+                batch: list[tuple[Any, Sequence[Any]]] = list(merged.items())
+                handler.fetched(highwaters)
+                await handler.wait_for_lease()
 
-                    def current(generation: int = generation) -> bool:
-                        return app.consumer_generation_id == generation and self.flow_active
+                def current(generation: int = generation) -> bool:
+                    return app.consumer_generation_id == generation and self.flow_active
 
-                    def taken(batch: list[tuple[Any, Sequence[Any]]] = batch) -> None:
-                        # Under the handler's lock: a revocation waits for that lock, and
-                        # faust's seek to the committed offsets (which resets these) comes
-                        # after the revocation, so no stale read offset survives it.
-                        for tp, recs in batch:
-                            read_offset[tp] = recs[-1].offset
+                def taken(batch: list[tuple[Any, Sequence[Any]]] = batch) -> None:
+                    # Under the handler's lock: a revocation waits for that lock, and
+                    # faust's seek to the committed offsets (which resets these) comes
+                    # after the revocation, so no stale read offset survives it.
+                    for tp, recs in batch:
+                        read_offset[tp] = recs[-1].offset
 
-                    # Not current: a rebalance began; faust seeks every assigned partition
-                    # back to its committed offset after it, so these are fetched again.
-                    await handler.handle_batch(batch, current, taken)
-                for tp, recs in others:
-                    for record in recs:
-                        if app.consumer_generation_id != generation or not self.flow_active:
-                            break
-                        await self.wait_first(
-                            callback(self._to_message(tp, record)), self.suspend_flow.wait()
-                        )
-                        read_offset[tp] = record.offset
-                commit_every = self._commit_every
-                if commit_every is not None and self._n_acked >= commit_every:
-                    self._n_acked = 0
-                    await self.commit()
-                self.diag.unset_flag(CONSUMER_FETCHING)
+                # Not current: a rebalance began; faust seeks every assigned partition
+                # back to its committed offset after it, so these are fetched again.
+                await handler.handle_batch(batch, current, taken)
+            for tp, recs in others:
+                for record in recs:
+                    if app.consumer_generation_id != generation or not self.flow_active:
+                        break
+                    await self.wait_first(
+                        callback(self._to_message(tp, record)), self.suspend_flow.wait()
+                    )
+                    read_offset[tp] = record.offset
 
     return _BatchConsumer
 
@@ -266,14 +426,16 @@ def BatchConsumer() -> type:
     return _classes["consumer"]
 
 
-def install_batch_consumer(app: Any, handler: BatchHandler) -> None:
-    """Make ``app`` build its consumer from :func:`BatchConsumer` feeding ``handler``."""
+def install_batch_consumer(app: Any, handler: BatchHandler, fetch_ahead: int = 0) -> None:
+    """Make ``app`` build its consumer from :func:`BatchConsumer` feeding ``handler``;
+    ``fetch_ahead`` > 0 fetches up to that many records ahead during a round."""
     cls = BatchConsumer()
     transport = app.transport
 
     def create_consumer(callback: Any, **kwargs: Any) -> Any:
         consumer = cls(transport, callback=callback, loop=transport.loop, **kwargs)
         consumer.batch_handler = handler
+        consumer.fetch_ahead = fetch_ahead
         return consumer
 
     transport.create_consumer = create_consumer
@@ -451,5 +613,5 @@ def install(app: Any, handler: BatchHandler, lease: MembershipLease, settings: S
     """Apply every override to ``app`` (before it starts)."""
     install_fetch_wait(settings.fetch_max_wait_ms)
     install_static_membership(app, settings)
-    install_batch_consumer(app, handler)
+    install_batch_consumer(app, handler, settings.batch_max if settings.fetch_ahead else 0)
     install_lease_hook(app.conf.id, lease)

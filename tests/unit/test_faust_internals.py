@@ -96,5 +96,47 @@ def test_the_batch_consumer_is_faust_s_aiokafka_consumer_with_one_method_overrid
 
     cls = _faust.BatchConsumer()
     assert issubclass(cls, Consumer)
-    overridden = {n for n, v in vars(cls).items() if callable(v) and not n.startswith("__")}
-    assert overridden == {"_drain_messages", "_drain_batches"}
+    own = {n for n, v in vars(cls).items() if callable(v) and not n.startswith("__")}
+    # only _drain_messages replaces one of faust's; the rest are new names, and a faust
+    # upgrade that adds one of them would be silently shadowed
+    overridden = {n for n in own if hasattr(Consumer, n)}
+    assert overridden == {"_drain_messages"}, f"the batch consumer now shadows {overridden}"
+    assert own == {"_drain_messages", "_drain_batches", "_fetch_tag", "_reseek", "_handle_entries"}
+
+
+def test_the_rebalance_marks_the_fetch_ahead_relies_on() -> None:
+    # _FetchAhead tags each fetch with (app.rebalancing_count, app.consumer_generation_id):
+    # the count must move at the very start of a rebalance (in the consumer thread's
+    # revocation callback), the generation at the assignment, before the recovery seek.
+    from faust.app.base import App
+    from faust.transport.drivers import aiokafka as driver
+
+    start = inspect.getsource(App.on_rebalance_start)
+    assert "self.rebalancing_count += 1" in start, "App.on_rebalance_start no longer counts"
+    revoked = inspect.getsource(driver.ConsumerRebalanceListener.on_partitions_revoked)
+    assert "on_rebalance_start()" in revoked, (
+        "aiokafka driver's on_partitions_revoked no longer calls app.on_rebalance_start"
+    )
+    assigned = inspect.getsource(driver.ConsumerRebalanceListener.on_partitions_assigned)
+    assert "consumer_generation_id = generation" in assigned, (
+        "aiokafka driver's on_partitions_assigned no longer sets app.consumer_generation_id"
+    )
+
+
+def test_the_seek_back_rewinds_what_seek_to_committed_leaves_in_place() -> None:
+    # _reseek drops fetched records and seeks back. aiokafka's seek_to_committed moves only
+    # partitions with a committed offset > 0; faust's perform_seek then leaves their read
+    # offset None (or 0), and _reseek seeks those to their beginning through the consumer
+    # thread. If aiokafka starts seeking every partition, the rewind is merely redundant;
+    # if these names change, the rewind is gone and dropped records would be lost.
+    from aiokafka import AIOKafkaConsumer
+    from faust.transport.consumer import Consumer
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    committed = inspect.getsource(AIOKafkaConsumer.seek_to_committed)
+    assert "offset > 0" in committed or "offset is not None" in committed, committed
+    assert "_read_offset" in inspect.getsource(Consumer.perform_seek)
+    params = list(inspect.signature(AIOKafkaConsumerThread.seek_to_beginning).parameters)
+    assert params == ["self", "partitions"], f"seek_to_beginning takes {params}"
+    assert "can_resume_flow" in inspect.getsource(Consumer.__init__)
+    assert "can_resume_flow" in inspect.getsource(Consumer._wait_next_records)
