@@ -239,6 +239,14 @@ async def _read_to_end(
     last_progress = started = last_log = clock()
     total = 0
     while remaining:
+        # First, so that partitions the start search already saw to their end (empty, or
+        # nothing since the start) cost no poll.
+        for tp in list(remaining):
+            highwater = consumer.highwater(tp)
+            if highwater is not None and await consumer.position(tp) >= highwater:
+                remaining.discard(tp)
+        if not remaining:
+            break
         dropped = [tp for tp in remaining if not wanted(tp.partition)]
         if dropped:
             consumer.pause(*dropped)  # revoked meanwhile: no more fetches for it
@@ -256,12 +264,6 @@ async def _read_to_end(
                 fold(tp.partition, records)
                 total += len(records)
                 last_progress = now
-        for tp in list(remaining):
-            highwater = consumer.highwater(tp)
-            if highwater is not None and await consumer.position(tp) >= highwater:
-                remaining.discard(tp)
-        if not remaining:
-            break
         if now - last_progress > stall_s:
             raise LedgerStalled(
                 f"the broker returned no ledger records for {stall_s:.0f}s while "
