@@ -526,8 +526,14 @@ def main(argv: list[str]) -> None:
     extra = dict(kv.split("=", 1) for kv in args.worker_env)
     cache_s = extra.get("CHUNKSTITCH_USAGE_CACHE_S", Settings().usage_cache_s)
     loaded_kinds = ["loaded"] if args.nice is None else ["loaded", f"loaded+n{args.nice}"]
+    shape = (
+        f"{2 * max(round(args.seconds / args.slice), 1)} alternating quiet/loaded slices x "
+        f"{args.slice:g} s (guard {args.guard:g} s)"
+        if args.slice
+        else f"{1 + len(loaded_kinds)} trials x {args.seconds:.0f} s"
+    )
     print(
-        f"usage_read: {args.pairs} rounds of {1 + len(loaded_kinds)} trials x {args.seconds:.0f} s "
+        f"usage_read: {args.pairs} rounds of {shape} "
         f"at {args.rate:.0f} records/s, bursts of {args.burst} /usage per second, "
         f"{'pinned' if args.pin else 'not pinned'} ({os.cpu_count()} CPUs), a fresh broker "
         f"per round; usage cache {cache_s} s",
