@@ -282,42 +282,48 @@ class Bench:
         out["busy"] = _busy_s()
         return out
 
-    def trial(self, kind: str, seed: int, nice: int | None, seconds: float | None = None) -> Trial:
-        args = self.args
-        seconds = args.seconds if seconds is None else seconds
-        if args.pin:  # threads started since the last trial
+    def pin(self) -> None:
+        """With ``--pin``, every thread (those started since the last call too) on its CPU."""
+        if self.args.pin:
             for role, cpu in (("worker", 0), ("broker", 0), ("usage", 1)):
                 _pin(self.pids[role], cpu)
             _pin(os.getpid(), 0)
-        if nice is not None:
-            _renice(self.pids["usage"], nice)
-        load = None
-        if kind != "quiet":
-            cmd = [
-                sys.executable,
-                "-c",
-                LOAD,
-                str(self.settings.usage_port),
-                str(args.burst),
-                str(seconds + 2),
-            ]
-            if args.pin:
-                cmd = ["taskset", "-c", "1", *cmd]
-            load = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        before, t0 = self._cpu(), time.monotonic()
-        lat, missing = asyncio.run(_paced_latency(self.settings, args.rate, seconds, seed))
-        after, wall = self._cpu(), time.monotonic() - t0
+
+    def start_load(self, *tail: str) -> subprocess.Popen[str]:
+        """The /usage load process: bursts of ``--burst`` requests (see ``LOAD``)."""
+        cmd = [sys.executable, "-c", LOAD, str(self.settings.usage_port), str(self.args.burst)]
+        cmd += tail
+        if self.args.pin:
+            cmd = ["taskset", "-c", "1", *cmd]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+
+    def spent(
+        self, before: dict[str, float], after: dict[str, float], load: subprocess.Popen[str] | None
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        """CPU seconds by role between two ``_cpu`` readings, and the load's own report."""
         cpu = {role: after[role] - before[role] for role in after}
         info: dict[str, Any] = {}
+        cpu["load"] = 0.0
         if load is not None:
             out, _ = load.communicate(timeout=60)
             info = json.loads(out)
-            # the load process's whole life (it starts just before the trial, ends ~2 s after)
+            # the load process's whole life (it starts just before, ends ~2 s after)
             cpu["load"] = float(info["cpu_s"])
-        else:
-            cpu["load"] = 0.0
         ours = sum(cpu[r] for r in ("worker", "usage", "broker", "measurer"))
         cpu["other"] = max(cpu.pop("busy") - ours - cpu["load"], 0.0)
+        return cpu, info
+
+    def trial(self, kind: str, seed: int, nice: int | None, seconds: float | None = None) -> Trial:
+        args = self.args
+        seconds = args.seconds if seconds is None else seconds
+        self.pin()
+        if nice is not None:
+            _renice(self.pids["usage"], nice)
+        load = None if kind == "quiet" else self.start_load(str(seconds + 2))
+        before, t0 = self._cpu(), time.monotonic()
+        lat, missing = asyncio.run(_paced_latency(self.settings, args.rate, seconds, seed))
+        after, wall = self._cpu(), time.monotonic() - t0
+        cpu, info = self.spent(before, after, load)
         return Trial(kind, lat, wall, cpu, info, missing)
 
 
@@ -381,36 +387,16 @@ def _sliced(bench: Bench, seed: int) -> Sliced:
     args = bench.args
     n_pairs = max(round(args.seconds / args.slice), 1)
     pattern = _pattern(n_pairs)
-    if args.pin:
-        for role, cpu in (("worker", 0), ("broker", 0), ("usage", 1)):
-            _pin(bench.pids[role], cpu)
-        _pin(os.getpid(), 0)
+    bench.pin()
     t0 = time.time() + 2.0  # the load process is up by then
-    bursts = _bursts(pattern, t0, args.slice, args.guard)
-    cmd = [
-        sys.executable,
-        "-c",
-        LOAD,
-        str(bench.settings.usage_port),
-        str(args.burst),
-        "0",
-        json.dumps(bursts),
-    ]
-    if args.pin:
-        cmd = ["taskset", "-c", "1", *cmd]
-    load = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    load = bench.start_load("0", json.dumps(_bursts(pattern, t0, args.slice, args.guard)))
     seconds = len(pattern) * args.slice
     before, t1 = bench._cpu(), time.monotonic()
     got, missing = asyncio.run(
         _paced_samples(bench.settings, args.rate, seconds, seed, start_at=t0)
     )
     after, wall = bench._cpu(), time.monotonic() - t1
-    cpu = {role: after[role] - before[role] for role in after}
-    out, _ = load.communicate(timeout=60)
-    info = json.loads(out)
-    cpu["load"] = float(info["cpu_s"])
-    ours = sum(cpu[r] for r in ("worker", "usage", "broker", "measurer"))
-    cpu["other"] = max(cpu.pop("busy") - ours - cpu["load"], 0.0)
+    cpu, info = bench.spent(before, after, load)
     slices: list[tuple[str, list[float]]] = [(kind, []) for kind in pattern]
     for sent, lat in got:
         i = _slot(sent, t0, args.slice, args.guard, len(pattern))
@@ -429,8 +415,12 @@ def _sliced_line(m: Sliced) -> str:
         f"ratio p99 {lo['p99_ms'] / q['p99_ms']:.2f} p50 {lo['p50_ms'] / q['p50_ms']:.2f}\n"
         f"  CPU s in {t.wall_s:.0f}s: {cpu}"
     )
-    if t.missing:
-        text += f" | {t.missing} missing"
+    return text + _extras(t)
+
+
+def _extras(t: Trial) -> str:
+    """What a trial's line ends with: responses missing, the /usage load's own figures."""
+    text = f" | {t.missing} missing" if t.missing else ""
     if t.load:
         text += (
             f" | /usage {t.load['ok']} ok {t.load['failed']} failed, "
@@ -448,14 +438,7 @@ def _line(label: str, t: Trial, quiet: Trial | None) -> str:
         text += " " * 11
     cpu = " ".join(f"{r} {t.cpu[r]:.1f}" for r in ROLES)
     text += f" | CPU s in {t.wall_s:.0f}s: {cpu}"
-    if t.missing:
-        text += f" | {t.missing} missing"
-    if t.load:
-        text += (
-            f" | /usage {t.load['ok']} ok {t.load['failed']} failed, "
-            f"p50 {t.load['p50_ms']:.0f} p99 {t.load['p99_ms']:.0f} ms"
-        )
-    return text
+    return text + _extras(t)
 
 
 def _spread(ratios: list[float]) -> str:
