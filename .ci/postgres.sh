@@ -49,6 +49,14 @@ fi
 STATUS=$(pg_lsclusters --no-header | awk -v v="$VERSION" -v n="$NAME" '$1==v && $2==n {print $4}')
 if [ "$STATUS" != online ]; then
   say "starting cluster $VERSION/$NAME on port $PORT"
+  # The server outlives this script: close every descriptor it would inherit beyond the
+  # standard three (a caller's `flock` lock file would otherwise stay held until it stops).
+  for fd in /proc/$$/fd/*; do
+    fd=${fd##*/}
+    if [ "$fd" -gt 2 ] && [ "$fd" -lt 255 ]; then  # 255: bash's own, reading this script
+      eval "exec $fd>&-" 2>/dev/null || true
+    fi
+  done
   pg_ctlcluster --skip-systemctl-redirect "$VERSION" "$NAME" start >&2
 elif [ -n "${RELOAD:-}" ]; then
   pg_ctlcluster --skip-systemctl-redirect "$VERSION" "$NAME" reload >&2

@@ -1,14 +1,22 @@
 """Does reading usage slow stitching? (``./dev bench usage_read``)
 
-Rounds of trials, each round on a **fresh embedded broker** and worker with the usage
-history loaded again (tiny completions over 30 simulated days, stitched and in the usage
-view before the round's first trial). Paced stitching load (20-chunk streams, end marker
-to response latency measured as in ``./dev bench e2e``) in a quiet trial and in one with
-bursts of 200 concurrent ``GET /usage`` requests every second (a separate load process,
-so the measuring process is not slowed by it); the order alternates across rounds
-(quiet first in odd rounds, loaded first in even ones). The in-memory broker slows as its
-store grows (within minutes its CPU per trial had tripled and later rounds were void), so
-no round inherits another's store, and the ratio is taken within a round.
+Rounds, each on a **fresh embedded broker** and worker with the usage history loaded
+again (tiny completions over 30 simulated days, stitched and in the usage view before the
+round's measurement). Paced stitching load (20-chunk streams, end marker to response
+latency measured as in ``./dev bench e2e``), quiet, and with bursts of 200 concurrent
+``GET /usage`` requests every second (a separate load process, so the measuring process is
+not slowed by it). The in-memory broker slows as its store grows (within minutes its CPU
+per trial had tripled and later rounds were void), so no round inherits another's store.
+
+By default (``--slice 4``) quiet and loaded alternate in **slices** of 4 s within one
+unbroken run of the stitching load (``2 x --seconds`` a round), in the order L Q Q L L Q
+..., so the broker's drift within the round weighs on both kinds alike; a stream counts
+for the slice its end marker was sent in, except in the first and last ``--guard`` seconds
+of a slice, where the other kind's effect may still reach. The summary bootstraps the
+pooled p99 ratio over pairs of neighbouring slices for its 95% interval. With
+``--slice 0`` a round is separate trials instead, quiet and loaded in an order that
+alternates across rounds (quiet first in odd rounds); those measured mostly the drift:
+the second trial of a round was always the worse one.
 
 To tell CPU contention from anything else, every trial reports the CPU seconds that the
 worker, its usage server process, the broker, the load generator, this measuring process
@@ -35,15 +43,17 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -83,11 +93,16 @@ async def main(port, burst, seconds):
                     took.append(time.monotonic() - t0)
             except Exception:
                 failed += 1
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            t = time.monotonic()
-            await asyncio.gather(*(one(i) for i in range(burst)))
-            await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - t)))
+        if len(sys.argv) > 4:  # slices: bursts at given wall-clock times only
+            for at in json.loads(sys.argv[4]):
+                await asyncio.sleep(max(0.0, at - time.time()))
+                await asyncio.gather(*(one(i) for i in range(burst)))
+        else:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                t = time.monotonic()
+                await asyncio.gather(*(one(i) for i in range(burst)))
+                await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - t)))
     took.sort()
     ru = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({
@@ -97,6 +112,8 @@ async def main(port, burst, seconds):
     }), flush=True)
 asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])))
 """
+
+T = TypeVar("T")
 
 ROLES = ("worker", "usage", "broker", "measurer", "load", "other")
 
@@ -195,6 +212,16 @@ async def _paced_latency(
     """As ``./dev bench e2e`` measures it (end marker sent -> response arrived), but the
     reader starts at the end of the responses topic, after the history. Also how many
     responses had not arrived 60 s after the last send."""
+    samples, missing = await _paced_samples(settings, rate, seconds, seed)
+    return [lat for _, lat in samples], missing
+
+
+async def _paced_samples(
+    settings: Settings, rate: float, seconds: float, seed: int, start_at: float | None = None
+) -> tuple[list[tuple[float, float]], int]:
+    """(wall-clock time the end marker was sent, latency) of every response that arrived,
+    and how many had not arrived 60 s after the last send. Sending starts at the wall-clock
+    time ``start_at`` if given, else at once."""
     n_streams = max(int(rate * seconds / 21), 10)
     records: list[Any] = _records(n_streams, 20, seed=seed)
     sent_at: dict[bytes, float] = {}
@@ -222,6 +249,8 @@ async def _paced_latency(
     task = asyncio.create_task(reader())
     p = AIOKafkaProducer(bootstrap_servers=settings.broker, acks="all", linger_ms=1)
     await p.start()
+    if start_at is not None:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
     start = time.monotonic()
     for i, (k, v, h) in enumerate(records):
         delay = start + i / rate - time.monotonic()
@@ -237,8 +266,8 @@ async def _paced_latency(
         pass  # reported as missing: the worker fell behind
     finally:
         await c.stop()
-    lat = [max(arrived_at[k] - sent_at[k], 0.0) for k in sent_at if k in arrived_at]
-    return lat, len(sent_at) - len(lat)
+    got = [(sent_at[k], max(arrived_at[k] - sent_at[k], 0.0)) for k in sent_at if k in arrived_at]
+    return got, len(sent_at) - len(got)
 
 
 class Bench:
@@ -253,43 +282,151 @@ class Bench:
         out["busy"] = _busy_s()
         return out
 
-    def trial(self, kind: str, seed: int, nice: int | None, seconds: float | None = None) -> Trial:
-        args = self.args
-        seconds = args.seconds if seconds is None else seconds
-        if args.pin:  # threads started since the last trial
+    def pin(self) -> None:
+        """With ``--pin``, every thread (those started since the last call too) on its CPU."""
+        if self.args.pin:
             for role, cpu in (("worker", 0), ("broker", 0), ("usage", 1)):
                 _pin(self.pids[role], cpu)
             _pin(os.getpid(), 0)
-        if nice is not None:
-            _renice(self.pids["usage"], nice)
-        load = None
-        if kind != "quiet":
-            cmd = [
-                sys.executable,
-                "-c",
-                LOAD,
-                str(self.settings.usage_port),
-                str(args.burst),
-                str(seconds + 2),
-            ]
-            if args.pin:
-                cmd = ["taskset", "-c", "1", *cmd]
-            load = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        before, t0 = self._cpu(), time.monotonic()
-        lat, missing = asyncio.run(_paced_latency(self.settings, args.rate, seconds, seed))
-        after, wall = self._cpu(), time.monotonic() - t0
+
+    def start_load(self, *tail: str) -> subprocess.Popen[str]:
+        """The /usage load process: bursts of ``--burst`` requests (see ``LOAD``)."""
+        cmd = [sys.executable, "-c", LOAD, str(self.settings.usage_port), str(self.args.burst)]
+        cmd += tail
+        if self.args.pin:
+            cmd = ["taskset", "-c", "1", *cmd]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+
+    def spent(
+        self, before: dict[str, float], after: dict[str, float], load: subprocess.Popen[str] | None
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        """CPU seconds by role between two ``_cpu`` readings, and the load's own report."""
         cpu = {role: after[role] - before[role] for role in after}
         info: dict[str, Any] = {}
+        cpu["load"] = 0.0
         if load is not None:
             out, _ = load.communicate(timeout=60)
             info = json.loads(out)
-            # the load process's whole life (it starts just before the trial, ends ~2 s after)
+            # the load process's whole life (it starts just before, ends ~2 s after)
             cpu["load"] = float(info["cpu_s"])
-        else:
-            cpu["load"] = 0.0
         ours = sum(cpu[r] for r in ("worker", "usage", "broker", "measurer"))
         cpu["other"] = max(cpu.pop("busy") - ours - cpu["load"], 0.0)
+        return cpu, info
+
+    def trial(self, kind: str, seed: int, nice: int | None, seconds: float | None = None) -> Trial:
+        args = self.args
+        seconds = args.seconds if seconds is None else seconds
+        self.pin()
+        if nice is not None:
+            _renice(self.pids["usage"], nice)
+        load = None if kind == "quiet" else self.start_load(str(seconds + 2))
+        before, t0 = self._cpu(), time.monotonic()
+        lat, missing = asyncio.run(_paced_latency(self.settings, args.rate, seconds, seed))
+        after, wall = self._cpu(), time.monotonic() - t0
+        cpu, info = self.spent(before, after, load)
         return Trial(kind, lat, wall, cpu, info, missing)
+
+
+@dataclass
+class Sliced:
+    """One sliced measurement: the stitching load runs throughout, the /usage bursts only
+    in the loaded slices; ``slices`` holds each slice's kind and the latencies of the
+    streams whose end marker was sent inside it (outside its guard bands)."""
+
+    whole: Trial
+    slices: list[tuple[str, list[float]]]
+
+    def kind(self, kind: str) -> list[float]:
+        return [x for k, lat in self.slices if k == kind for x in lat]
+
+    def pairs(self) -> list[tuple[list[float], list[float]]]:
+        """(quiet, loaded) latencies of each pair of neighbouring slices."""
+        out = []
+        for i in range(0, len(self.slices) - 1, 2):
+            a, b = self.slices[i], self.slices[i + 1]
+            quiet, loaded = (a[1], b[1]) if a[0] == "quiet" else (b[1], a[1])
+            out.append((quiet, loaded))
+        return out
+
+
+def _pattern(n_pairs: int) -> list[str]:
+    """loaded, quiet, quiet, loaded, loaded, quiet, ...: every pair of slices in the
+    opposite order of the one before, so a drift within the round (the broker slowing as
+    its store grows) weighs on both kinds alike."""
+    out: list[str] = []
+    for j in range(n_pairs):
+        out += ["loaded", "quiet"] if j % 2 == 0 else ["quiet", "loaded"]
+    return out
+
+
+def _bursts(pattern: list[str], t0: float, slice_s: float, guard_s: float) -> list[float]:
+    """Wall-clock times of the bursts: one a second in each loaded slice, the first at
+    its guard band's end, none in the closing guard band."""
+    out = []
+    for i, kind in enumerate(pattern):
+        if kind == "loaded":
+            k = 0
+            while guard_s + k < slice_s - guard_s:
+                out.append(t0 + i * slice_s + guard_s + k)
+                k += 1
+    return out
+
+
+def _slot(sent: float, t0: float, slice_s: float, guard_s: float, n: int) -> int | None:
+    """Index of the slice a stream sent at ``sent`` belongs to; None in a guard band
+    (the first and last ``guard_s`` of a slice, where the other kind's effect may reach)."""
+    i, off = divmod(sent - t0, slice_s)
+    if 0 <= i < n and guard_s <= off < slice_s - guard_s:
+        return int(i)
+    return None
+
+
+def _sliced(bench: Bench, seed: int) -> Sliced:
+    """The stitching load for ``2 x --seconds`` in slices of ``--slice`` seconds, the
+    /usage bursts only in the loaded ones (see ``_pattern``)."""
+    args = bench.args
+    n_pairs = max(round(args.seconds / args.slice), 1)
+    pattern = _pattern(n_pairs)
+    bench.pin()
+    t0 = time.time() + 2.0  # the load process is up by then
+    load = bench.start_load("0", json.dumps(_bursts(pattern, t0, args.slice, args.guard)))
+    seconds = len(pattern) * args.slice
+    before, t1 = bench._cpu(), time.monotonic()
+    got, missing = asyncio.run(
+        _paced_samples(bench.settings, args.rate, seconds, seed, start_at=t0)
+    )
+    after, wall = bench._cpu(), time.monotonic() - t1
+    cpu, info = bench.spent(before, after, load)
+    slices: list[tuple[str, list[float]]] = [(kind, []) for kind in pattern]
+    for sent, lat in got:
+        i = _slot(sent, t0, args.slice, args.guard, len(pattern))
+        if i is not None:
+            slices[i][1].append(lat)
+    return Sliced(Trial("sliced", [lat for _, lat in got], wall, cpu, info, missing), slices)
+
+
+def _sliced_line(m: Sliced) -> str:
+    q, lo = _percentiles(m.kind("quiet")), _percentiles(m.kind("loaded"))
+    t = m.whole
+    cpu = " ".join(f"{r} {t.cpu[r]:.1f}" for r in ROLES)
+    text = (
+        f"  quiet p50 {q['p50_ms']:6.1f} p99 {q['p99_ms']:7.1f} ms (n={q['samples']}) | "
+        f"loaded p50 {lo['p50_ms']:6.1f} p99 {lo['p99_ms']:7.1f} ms (n={lo['samples']}) | "
+        f"ratio p99 {lo['p99_ms'] / q['p99_ms']:.2f} p50 {lo['p50_ms'] / q['p50_ms']:.2f}\n"
+        f"  CPU s in {t.wall_s:.0f}s: {cpu}"
+    )
+    return text + _extras(t)
+
+
+def _extras(t: Trial) -> str:
+    """What a trial's line ends with: responses missing, the /usage load's own figures."""
+    text = f" | {t.missing} missing" if t.missing else ""
+    if t.load:
+        text += (
+            f" | /usage {t.load['ok']} ok {t.load['failed']} failed, "
+            f"p50 {t.load['p50_ms']:.0f} p99 {t.load['p99_ms']:.0f} ms"
+        )
+    return text
 
 
 def _line(label: str, t: Trial, quiet: Trial | None) -> str:
@@ -301,14 +438,7 @@ def _line(label: str, t: Trial, quiet: Trial | None) -> str:
         text += " " * 11
     cpu = " ".join(f"{r} {t.cpu[r]:.1f}" for r in ROLES)
     text += f" | CPU s in {t.wall_s:.0f}s: {cpu}"
-    if t.missing:
-        text += f" | {t.missing} missing"
-    if t.load:
-        text += (
-            f" | /usage {t.load['ok']} ok {t.load['failed']} failed, "
-            f"p50 {t.load['p50_ms']:.0f} p99 {t.load['p99_ms']:.0f} ms"
-        )
-    return text
+    return text + _extras(t)
 
 
 def _spread(ratios: list[float]) -> str:
@@ -353,20 +483,48 @@ def main(argv: list[str]) -> None:
         metavar="CORES",
         help="a round is clean if the rest of the machine used at most this meanwhile",
     )
+    parser.add_argument(
+        "--slice",
+        type=float,
+        default=4.0,
+        metavar="S",
+        help="slices of S seconds, quiet and loaded alternating within one run of the load "
+        "(2 x --seconds per round); 0 = separate quiet and loaded trials",
+    )
+    parser.add_argument(
+        "--guard",
+        type=float,
+        default=0.25,
+        metavar="S",
+        help="streams sent in the first or last S seconds of a slice are not counted",
+    )
     parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args(argv)
+    if args.slice and args.nice is not None:
+        raise SystemExit("--nice needs separate trials: add --slice 0")
+    if args.slice and not 0 <= 2 * args.guard < min(args.slice, 1.0):
+        raise SystemExit("--guard must be under half of --slice and of a second; lower it")
     if args.pin and not {0, 1} <= os.sched_getaffinity(0):
         raise SystemExit("--pin needs CPUs 0 and 1 available to this process; leave out --pin")
     extra = dict(kv.split("=", 1) for kv in args.worker_env)
     cache_s = extra.get("CHUNKSTITCH_USAGE_CACHE_S", Settings().usage_cache_s)
     loaded_kinds = ["loaded"] if args.nice is None else ["loaded", f"loaded+n{args.nice}"]
+    shape = (
+        f"{2 * max(round(args.seconds / args.slice), 1)} alternating quiet/loaded slices x "
+        f"{args.slice:g} s (guard {args.guard:g} s)"
+        if args.slice
+        else f"{1 + len(loaded_kinds)} trials x {args.seconds:.0f} s"
+    )
     print(
-        f"usage_read: {args.pairs} rounds of {1 + len(loaded_kinds)} trials x {args.seconds:.0f} s "
+        f"usage_read: {args.pairs} rounds of {shape} "
         f"at {args.rate:.0f} records/s, bursts of {args.burst} /usage per second, "
         f"{'pinned' if args.pin else 'not pinned'} ({os.cpu_count()} CPUs), a fresh broker "
         f"per round; usage cache {cache_s} s",
         flush=True,
     )
+    if args.slice:
+        _main_sliced(args, extra)
+        return
     rounds: list[dict[str, Trial]] = []
     void = 0
     with tempfile.TemporaryDirectory(prefix="cs-usage-read-") as tmp_s:
@@ -391,11 +549,100 @@ def main(argv: list[str]) -> None:
     _summary(rounds, loaded_kinds, args.other_max)
 
 
+def _main_sliced(args: argparse.Namespace, extra: dict[str, str]) -> None:
+    rounds: list[Sliced] = []
+    void = 0
+    with tempfile.TemporaryDirectory(prefix="cs-usage-read-") as tmp_s:
+        for n in range(args.pairs):
+            m = _fresh(args, Path(tmp_s) / f"round-{n + 1}", n, extra, lambda b, n=n: _sliced(b, n))
+            print(f"round {n + 1} (fresh broker; {len(m.slices)} slices):", flush=True)
+            print(_sliced_line(m), flush=True)
+            if m.whole.missing:
+                void += 1
+                print(
+                    f"round {n + 1} is void (not counted): {m.whole.missing} responses had not "
+                    "arrived 60 s after the last send (the worker fell behind; see the CPU "
+                    "columns)",
+                    flush=True,
+                )
+                continue
+            rounds.append(m)
+    if void:
+        print(f"{void} void round(s) of {args.pairs} left out")
+    _sliced_summary(rounds, args.other_max)
+
+
+def _bootstrap(
+    pairs: list[tuple[list[float], list[float]]], runs: int = 1000
+) -> tuple[float, float]:
+    """95% interval of the pooled p99 ratio loaded/quiet, resampling pairs of slices."""
+    rng = random.Random(13)
+    ratios = []
+    for _ in range(runs):
+        pick = [pairs[rng.randrange(len(pairs))] for _ in pairs]
+        quiet = [x for q, _ in pick for x in q]
+        loaded = [x for _, lo in pick for x in lo]
+        if quiet and loaded:
+            ratios.append(_percentiles(loaded)["p99_ms"] / _percentiles(quiet)["p99_ms"])
+    ratios.sort()
+    return ratios[int(len(ratios) * 0.025)], ratios[int(len(ratios) * 0.975) - 1]
+
+
+def _sliced_summary(rounds: list[Sliced], other_max: float) -> None:
+    if not rounds:
+        print("no complete round: nothing to summarise")
+        return
+    clean = [m for m in rounds if m.whole.other_cores <= other_max]
+    print(
+        f"summary (p99 ratio loaded/quiet slices, target <= 1.10); clean rounds (the rest of "
+        f"the machine <= {other_max:.2f} cores): {len(clean)} of {len(rounds)}"
+    )
+    for label, rows in (("all", rounds), ("clean", clean)):
+        if not rows:
+            continue
+        ratios = [
+            _percentiles(m.kind("loaded"))["p99_ms"] / _percentiles(m.kind("quiet"))["p99_ms"]
+            for m in rows
+        ]
+        quiet = _percentiles([x for m in rows for x in m.kind("quiet")])
+        loaded = _percentiles([x for m in rows for x in m.kind("loaded")])
+        low, high = _bootstrap([pair for m in rows for pair in m.pairs()])
+        print(
+            f"  {label}: per round {_spread(ratios).replace('pairs', 'rounds')}; pooled p99 "
+            f"{loaded['p99_ms']:.1f} vs quiet {quiet['p99_ms']:.1f} ms, ratio "
+            f"{loaded['p99_ms'] / quiet['p99_ms']:.2f} (95% bootstrap over slice pairs "
+            f"{low:.2f} to {high:.2f}); p50 {loaded['p50_ms']:.1f} vs {quiet['p50_ms']:.1f} ms"
+        )
+    cpu = {role: statistics.mean(m.whole.cpu[role] for m in rounds) for role in ROLES}
+    print("  mean CPU s per round: " + " ".join(f"{r} {v:.1f}" for r, v in cpu.items()))
+
+
 def _round(
     args: argparse.Namespace, tmp: Path, n: int, order: list[str], extra: dict[str, str]
 ) -> dict[str, Trial]:
-    """One round on a broker and worker of its own: history loaded and in the view, a
-    warm-up trial (not counted), then the trials of ``order``."""
+    """One round of separate trials: the warm-up, then the trials of ``order``."""
+    base_nice = 0 if args.nice is not None else None
+
+    def measure(bench: Bench) -> dict[str, Trial]:
+        row = {}
+        for i, kind in enumerate(order):
+            nice = args.nice if kind not in ("quiet", "loaded") else base_nice
+            row[kind] = bench.trial(kind, 100 * i + n, nice)
+        return row
+
+    return _fresh(args, tmp, n, extra, measure, base_nice)
+
+
+def _fresh(
+    args: argparse.Namespace,
+    tmp: Path,
+    n: int,
+    extra: dict[str, str],
+    measure: Callable[[Bench], T],
+    base_nice: int | None = None,
+) -> T:
+    """``measure`` on a broker and worker of their own: history loaded and in the view,
+    a warm-up trial (not counted) first."""
     tmp.mkdir(parents=True)
     with EmbeddedBroker() as broker:
         settings = _settings(broker.bootstrap, tmp, web_port=free_port())
@@ -419,16 +666,11 @@ def _round(
             assert broker._proc is not None
             pids = {"worker": proc.pid, "usage": _usage_pid(proc.pid), "broker": broker._proc.pid}
             bench = Bench(args, settings, pids)
-            base_nice = 0 if args.nice is not None else None
             warm = bench.trial("quiet", 999, base_nice, seconds=args.warmup)
             print(
                 f"round {n + 1}: warm-up (not counted): p99 {warm.p['p99_ms']:.1f} ms", flush=True
             )
-            row = {}
-            for i, kind in enumerate(order):
-                nice = args.nice if kind not in ("quiet", "loaded") else base_nice
-                row[kind] = bench.trial(kind, 100 * i + n, nice)
-            return row
+            return measure(bench)
         finally:
             _stop(proc)
 

@@ -16,6 +16,7 @@ from aiokafka.errors import KafkaError
 from processor.settings import Settings
 
 __all__ = [
+    "POLL_MS",
     "BrokerAuthFailed",
     "BrokerUnreachable",
     "ReadProgress",
@@ -27,6 +28,14 @@ __all__ = [
     "read_to_end",
     "unreachable_message",
 ]
+
+POLL_MS = 20
+"""How long one ``getmany`` of a read to a known end waits. aiokafka's ``getmany``
+returns when records arrive or its timeout expires, not when an empty fetch response
+comes back, so a partition with nothing (more) to read (an empty one, or one whose
+checkpoint is at its end: every restart) would cost the whole timeout; the readers poll
+at this interval instead and decide by the fetch's high watermark. Their stall timeouts
+are separate and measured in time without progress."""
 
 # The same words as the clients' BrokerUnavailable: one wording in every command.
 START_HINT = (
@@ -268,7 +277,7 @@ async def read_to_end(
                     f"is the broker at {settings.broker} overloaded or unreachable?"
                 )
             batch: dict[Any, list[ConsumerRecord[bytes, bytes]]] = await consumer.getmany(
-                *remaining, timeout_ms=200
+                *remaining, timeout_ms=POLL_MS
             )
             for tp, records in batch.items():
                 target = targets.get(tp)

@@ -245,7 +245,7 @@ class Settings(BaseSettings):
         "(no share of its GIL) or a thread of it.",
     )
     usage_server_nice: int = Field(
-        default=0,
+        default=10,
         ge=0,
         le=19,
         description="Niceness of the usage server process (process mode): above 0 it "

@@ -65,6 +65,8 @@ async def load_checkpoint(settings: Settings, partition: int) -> UsageCheckpoint
 
     tp = TopicPartition(settings.usage_checkpoints_topic, partition)
     end = (await end_offsets(settings, [tp])).get(tp, 0)
+    if end <= 0:  # nothing was ever written there (on either broker: see end_offsets)
+        return None
     back = 1
     while True:
         start = max(end - back, 0)

@@ -29,7 +29,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from processor.kafka import BrokerUnreachable, open_reader, unreachable_message
+from processor.kafka import POLL_MS, BrokerUnreachable, open_reader, unreachable_message
 from processor.logs import get_logger
 from processor.settings import Settings
 
@@ -72,7 +72,7 @@ async def read_ledger(
     )
     try:
         consumer.assign(tps)
-        starts = await _start_offsets(consumer, tps, since_ms)
+        starts = await _start_offsets(consumer, tps, since_ms, _Deadline(stall_s, clock))
         for tp in tps:
             consumer.seek(tp, starts[tp])
         return await _read_to_end(
@@ -84,15 +84,35 @@ async def read_ledger(
         await asyncio.shield(consumer.stop())
 
 
+class _Deadline:
+    """No progress for ``stall_s``: the broker stopped answering. Each probe of the start
+    search calls ``check`` between polls and ``progress`` when it learnt something."""
+
+    def __init__(self, stall_s: float, clock: Callable[[], float]) -> None:
+        self.stall_s = stall_s
+        self.clock = clock
+        self.last = clock()
+
+    def progress(self) -> None:
+        self.last = self.clock()
+
+    def check(self, what: str) -> None:
+        if self.clock() - self.last > self.stall_s:
+            raise LedgerStalled(
+                f"the broker answered no fetch for {self.stall_s:.0f}s while {what}; "
+                "check the broker (the worker restarts and reads again)"
+            )
+
+
 async def _start_offsets(
-    consumer: AIOKafkaConsumer, tps: list[TopicPartition], since_ms: int
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition], since_ms: int, deadline: _Deadline
 ) -> dict[TopicPartition, int]:
     begin = await consumer.beginning_offsets(tps)
     end = await consumer.end_offsets(tps)  # may be short of the true end (embedded broker)
     # One fetch over every partition from its beginning: its high watermarks are the true
     # ends, and a partition that is empty, or whose first record is already recent enough
     # (the usual case for a young ledger), needs nothing more.
-    first = await _first_timestamps(consumer, tps, begin)
+    first = await _first_timestamps(consumer, tps, begin, deadline)
     starts: dict[TopicPartition, int] = {}
     todo = []
     for tp in tps:
@@ -108,75 +128,96 @@ async def _start_offsets(
             lo = begin[tp]
             answer = answers.get(tp)
             guess = answer.offset if answer is not None else hi
-            if await _is_first_at_or_after(consumer, tp, guess, since_ms, lo, hi):
+            if await _is_first_at_or_after(consumer, tp, guess, since_ms, lo, hi, deadline):
                 starts[tp] = guess
             else:
-                starts[tp] = await _bisect(consumer, tp, since_ms, lo, hi)
+                starts[tp] = await _bisect(consumer, tp, since_ms, lo, hi, deadline)
     return starts
 
 
 async def _first_timestamps(
-    consumer: AIOKafkaConsumer, tps: list[TopicPartition], begin: dict[TopicPartition, int]
+    consumer: AIOKafkaConsumer,
+    tps: list[TopicPartition],
+    begin: dict[TopicPartition, int],
+    deadline: _Deadline,
 ) -> dict[TopicPartition, int]:
     """Timestamp of each partition's first record (absent: empty), in one fetch round."""
     for tp in tps:
         consumer.seek(tp, begin[tp])
     out: dict[TopicPartition, int] = {}
     pending = set(tps)
-    for _ in range(10):
-        batch = await consumer.getmany(*pending, timeout_ms=200, max_records=len(tps))
+    deadline.progress()
+    while pending:
+        batch = await consumer.getmany(*pending, timeout_ms=POLL_MS, max_records=len(tps))
         for tp, recs in batch.items():
             if recs:
                 out[tp] = int(recs[0].timestamp)
                 pending.discard(tp)
+                deadline.progress()
         for tp in list(pending):
             highwater = consumer.highwater(tp)
             if highwater is not None and highwater <= begin[tp]:
                 pending.discard(tp)  # empty
-        if not pending:
-            break
+                deadline.progress()
+        if pending:
+            deadline.check(f"looking for the first ledger records of {sorted(pending)}")
     return out
 
 
-async def _timestamp_at(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> int | None:
+async def _timestamp_at(
+    consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int, deadline: _Deadline
+) -> int | None:
     """Timestamp of the first record at or after ``offset`` (``None``: none there)."""
     consumer.seek(tp, offset)
-    for _ in range(10):
-        batch = await consumer.getmany(tp, timeout_ms=200, max_records=1)
+    deadline.progress()
+    while True:
+        batch = await consumer.getmany(tp, timeout_ms=POLL_MS, max_records=1)
         for recs in batch.values():
             for rec in recs:
                 if rec.offset >= offset:
+                    deadline.progress()
                     return int(rec.timestamp)
         highwater = consumer.highwater(tp)
         if highwater is not None and highwater <= offset:
             return None  # nothing at or after it (an empty partition answers at once)
-    return None
+        deadline.check(f"reading the ledger record at {tp.partition}:{offset}")
 
 
 async def _is_first_at_or_after(
-    consumer: AIOKafkaConsumer, tp: TopicPartition, guess: int, since_ms: int, lo: int, hi: int
+    consumer: AIOKafkaConsumer,
+    tp: TopicPartition,
+    guess: int,
+    since_ms: int,
+    lo: int,
+    hi: int,
+    deadline: _Deadline,
 ) -> bool:
     """Whether ``guess`` is where records of ``since_ms`` or later begin."""
     if guess < lo or guess > hi:
         return False
     if guess > lo:
-        before = await _timestamp_at(consumer, tp, guess - 1)
+        before = await _timestamp_at(consumer, tp, guess - 1, deadline)
         if before is not None and before >= since_ms:
             return False
     if guess < hi:
-        at = await _timestamp_at(consumer, tp, guess)
+        at = await _timestamp_at(consumer, tp, guess, deadline)
         if at is not None and at < since_ms:
             return False
     return True
 
 
 async def _bisect(
-    consumer: AIOKafkaConsumer, tp: TopicPartition, since_ms: int, lo: int, hi: int
+    consumer: AIOKafkaConsumer,
+    tp: TopicPartition,
+    since_ms: int,
+    lo: int,
+    hi: int,
+    deadline: _Deadline,
 ) -> int:
     """The first offset in ``[lo, hi)`` whose record is at or after ``since_ms``."""
     while lo < hi:
         mid = (lo + hi) // 2
-        ts = await _timestamp_at(consumer, tp, mid)
+        ts = await _timestamp_at(consumer, tp, mid, deadline)
         if ts is None or ts >= since_ms:
             hi = mid
         else:
@@ -198,6 +239,14 @@ async def _read_to_end(
     last_progress = started = last_log = clock()
     total = 0
     while remaining:
+        # First, so that partitions the start search already saw to their end (empty, or
+        # nothing since the start) cost no poll.
+        for tp in list(remaining):
+            highwater = consumer.highwater(tp)
+            if highwater is not None and await consumer.position(tp) >= highwater:
+                remaining.discard(tp)
+        if not remaining:
+            break
         dropped = [tp for tp in remaining if not wanted(tp.partition)]
         if dropped:
             consumer.pause(*dropped)  # revoked meanwhile: no more fetches for it
@@ -207,7 +256,7 @@ async def _read_to_end(
         # At most batch_records decoded at a time: the rest of a fetch waits in the
         # consumer as raw bytes (the embedded broker may answer a whole partition at once).
         batch: dict[Any, Records] = await consumer.getmany(
-            *remaining, timeout_ms=200, max_records=batch_records
+            *remaining, timeout_ms=POLL_MS, max_records=batch_records
         )
         now = clock()
         for tp, records in batch.items():
@@ -215,12 +264,6 @@ async def _read_to_end(
                 fold(tp.partition, records)
                 total += len(records)
                 last_progress = now
-        for tp in list(remaining):
-            highwater = consumer.highwater(tp)
-            if highwater is not None and await consumer.position(tp) >= highwater:
-                remaining.discard(tp)
-        if not remaining:
-            break
         if now - last_progress > stall_s:
             raise LedgerStalled(
                 f"the broker returned no ledger records for {stall_s:.0f}s while "

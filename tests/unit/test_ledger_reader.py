@@ -1,0 +1,88 @@
+"""The ledger reader's start search without a broker: a slow broker is waited for (no
+count of polls it could outgrow), a silent one stops the read loudly after ``stall_s``."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+from aiokafka import TopicPartition
+
+from processor.worker._ledger import LedgerStalled, _Deadline, _first_timestamps, _timestamp_at
+
+TP0 = TopicPartition("ledger", 0)
+TP1 = TopicPartition("ledger", 1)
+
+
+@dataclass(frozen=True)
+class Rec:
+    offset: int
+    timestamp: int
+
+
+class SlowConsumer:
+    """Answers nothing for ``silent_polls`` polls after each seek, then the records from
+    the position sought (``None`` polls: never answers). Each poll advances a fake clock
+    by its timeout, as a real ``getmany`` that returns empty-handed does."""
+
+    def __init__(self, logs: dict[TopicPartition, list[int]], silent_polls: int | None) -> None:
+        self.logs = logs  # timestamps by offset
+        self.silent_polls = silent_polls
+        self.now = 0.0
+        self.pos: dict[TopicPartition, int] = {}
+        self.polls: dict[TopicPartition, int] = {}
+        self.answered: set[TopicPartition] = set()
+
+    def clock(self) -> float:
+        return self.now
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.pos[tp] = offset
+        self.polls[tp] = 0
+        self.answered.discard(tp)
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return len(self.logs[tp]) if tp in self.answered else None
+
+    async def getmany(
+        self, *tps: TopicPartition, timeout_ms: int, max_records: int
+    ) -> dict[TopicPartition, list[Rec]]:
+        await asyncio.sleep(0)
+        out = {}
+        for tp in tps:
+            self.polls[tp] += 1
+            if self.silent_polls is None or self.polls[tp] <= self.silent_polls:
+                continue
+            self.answered.add(tp)
+            at = self.pos[tp]
+            recs = [Rec(o, t) for o, t in enumerate(self.logs[tp]) if o >= at][:max_records]
+            if recs:
+                out[tp] = recs
+        if not out:
+            self.now += timeout_ms / 1000
+        return out
+
+
+async def test_a_slow_broker_is_waited_for_however_many_polls_it_takes() -> None:
+    consumer = SlowConsumer({TP0: [100, 200, 300]}, silent_polls=500)  # 10 s of 20 ms polls
+    deadline = _Deadline(60.0, consumer.clock)
+    assert await _timestamp_at(consumer, TP0, 1, deadline) == 200  # type: ignore[arg-type]
+    assert consumer.polls[TP0] == 501
+
+
+async def test_the_first_timestamps_wait_for_every_partition_and_know_an_empty_one() -> None:
+    consumer = SlowConsumer({TP0: [100, 200], TP1: []}, silent_polls=300)
+    deadline = _Deadline(60.0, consumer.clock)
+    first = await _first_timestamps(consumer, [TP0, TP1], {TP0: 0, TP1: 0}, deadline)  # type: ignore[arg-type]
+    assert first == {TP0: 100}  # TP1 is empty: its high watermark is its beginning
+
+
+async def test_a_silent_broker_stops_the_search_after_stall_s_naming_the_record() -> None:
+    consumer = SlowConsumer({TP0: [100, 200]}, silent_polls=None)
+    deadline = _Deadline(5.0, consumer.clock)
+    with pytest.raises(
+        LedgerStalled, match=r"no fetch for 5s while reading the ledger record at 0:1"
+    ):
+        await _timestamp_at(consumer, TP0, 1, deadline)  # type: ignore[arg-type]
+    assert 5.0 < consumer.now < 5.1
