@@ -72,11 +72,12 @@ async def read_ledger(
     )
     try:
         consumer.assign(tps)
-        starts = await _start_offsets(consumer, tps, since_ms, _Deadline(stall_s, clock))
+        deadline = _Deadline(stall_s, clock)
+        starts = await _start_offsets(consumer, tps, since_ms, deadline)
         for tp in tps:
             consumer.seek(tp, starts[tp])
         return await _read_to_end(
-            consumer, tps, fold, wanted, batch_records, stall_s, progress_every_s, clock
+            consumer, tps, fold, wanted, batch_records, deadline, progress_every_s
         )
     except KafkaError as exc:
         raise BrokerUnreachable(unreachable_message(settings, exc)) from exc
@@ -86,7 +87,8 @@ async def read_ledger(
 
 class _Deadline:
     """No progress for ``stall_s``: the broker stopped answering. Each probe of the start
-    search calls ``check`` between polls and ``progress`` when it learnt something."""
+    search and the read after it call ``check`` between polls and ``progress`` when they
+    learnt something."""
 
     def __init__(self, stall_s: float, clock: Callable[[], float]) -> None:
         self.stall_s = stall_s
@@ -99,8 +101,8 @@ class _Deadline:
     def check(self, what: str) -> None:
         if self.clock() - self.last > self.stall_s:
             raise LedgerStalled(
-                f"the broker answered no fetch for {self.stall_s:.0f}s while {what}; "
-                "check the broker (the worker restarts and reads again)"
+                f"the broker gave the ledger reader nothing for {self.stall_s:.0f}s while "
+                f"{what}; check the broker (the worker restarts and reads again)"
             )
 
 
@@ -231,45 +233,29 @@ async def _read_to_end(
     fold: LedgerFold,
     wanted: Callable[[int], bool],
     batch_records: int,
-    stall_s: float,
+    deadline: _Deadline,
     progress_every_s: float,
-    clock: Callable[[], float],
 ) -> int:
     remaining = set(tps)
-    last_progress = started = last_log = clock()
+    deadline.progress()
+    started = last_log = deadline.clock()
     total = 0
     while remaining:
-        # First, so that partitions the start search already saw to their end (empty, or
-        # nothing since the start) cost no poll.
+        # Before each poll, so that partitions the start search already saw to their end
+        # (empty, or nothing since the start) cost none, and so that a partition whose end
+        # the last poll revealed finishes before the stall check.
         for tp in list(remaining):
             highwater = consumer.highwater(tp)
             if highwater is not None and await consumer.position(tp) >= highwater:
                 remaining.discard(tp)
-        if not remaining:
-            break
         dropped = [tp for tp in remaining if not wanted(tp.partition)]
         if dropped:
             consumer.pause(*dropped)  # revoked meanwhile: no more fetches for it
             remaining.difference_update(dropped)
-            if not remaining:
-                break
-        # At most batch_records decoded at a time: the rest of a fetch waits in the
-        # consumer as raw bytes (the embedded broker may answer a whole partition at once).
-        batch: dict[Any, Records] = await consumer.getmany(
-            *remaining, timeout_ms=POLL_MS, max_records=batch_records
-        )
-        now = clock()
-        for tp, records in batch.items():
-            if records and tp in remaining and wanted(tp.partition):
-                fold(tp.partition, records)
-                total += len(records)
-                last_progress = now
-        if now - last_progress > stall_s:
-            raise LedgerStalled(
-                f"the broker returned no ledger records for {stall_s:.0f}s while "
-                f"{sorted(tp.partition for tp in remaining)} still had records to read; "
-                "check the broker (the worker restarts and reads again)"
-            )
+        if not remaining:
+            break
+        deadline.check(f"{sorted(tp.partition for tp in remaining)} still had records to read")
+        now = deadline.clock()
         if now - last_log >= progress_every_s:
             last_log = now
             log.info(
@@ -278,4 +264,14 @@ async def _read_to_end(
                 seconds=round(now - started, 1),
                 partitions=sorted(tp.partition for tp in remaining),
             )
+        # At most batch_records decoded at a time: the rest of a fetch waits in the
+        # consumer as raw bytes (the embedded broker may answer a whole partition at once).
+        batch: dict[Any, Records] = await consumer.getmany(
+            *remaining, timeout_ms=POLL_MS, max_records=batch_records
+        )
+        for tp, records in batch.items():
+            if records and tp in remaining and wanted(tp.partition):
+                fold(tp.partition, records)
+                total += len(records)
+                deadline.progress()
     return total

@@ -9,7 +9,13 @@ from dataclasses import dataclass
 import pytest
 from aiokafka import TopicPartition
 
-from processor.worker._ledger import LedgerStalled, _Deadline, _first_timestamps, _timestamp_at
+from processor.worker._ledger import (
+    LedgerStalled,
+    _Deadline,
+    _first_timestamps,
+    _read_to_end,
+    _timestamp_at,
+)
 
 TP0 = TopicPartition("ledger", 0)
 TP1 = TopicPartition("ledger", 1)
@@ -42,6 +48,12 @@ class SlowConsumer:
         self.polls[tp] = 0
         self.answered.discard(tp)
 
+    async def position(self, tp: TopicPartition) -> int:
+        return self.pos[tp]
+
+    def pause(self, *tps: TopicPartition) -> None:
+        pass
+
     def highwater(self, tp: TopicPartition) -> int | None:
         return len(self.logs[tp]) if tp in self.answered else None
 
@@ -59,6 +71,7 @@ class SlowConsumer:
             recs = [Rec(o, t) for o, t in enumerate(self.logs[tp]) if o >= at][:max_records]
             if recs:
                 out[tp] = recs
+                self.pos[tp] = recs[-1].offset + 1
         if not out:
             self.now += timeout_ms / 1000
         return out
@@ -82,7 +95,36 @@ async def test_a_silent_broker_stops_the_search_after_stall_s_naming_the_record(
     consumer = SlowConsumer({TP0: [100, 200]}, silent_polls=None)
     deadline = _Deadline(5.0, consumer.clock)
     with pytest.raises(
-        LedgerStalled, match=r"no fetch for 5s while reading the ledger record at 0:1"
+        LedgerStalled, match=r"nothing for 5s while reading the ledger record at 0:1"
     ):
         await _timestamp_at(consumer, TP0, 1, deadline)  # type: ignore[arg-type]
+    assert 5.0 < consumer.now < 5.1
+
+
+async def test_the_read_folds_to_the_end_and_a_known_end_costs_no_poll() -> None:
+    consumer = SlowConsumer({TP0: [100, 200, 300], TP1: [400]}, silent_polls=3)
+    consumer.seek(TP0, 1)
+    consumer.seek(TP1, 1)
+    consumer.answered.add(TP1)  # the start search saw TP1's end already
+    folded: list[tuple[int, int]] = []
+    deadline = _Deadline(60.0, consumer.clock)
+    total = await _read_to_end(
+        consumer,  # type: ignore[arg-type]
+        [TP0, TP1],
+        lambda p, recs: folded.extend((p, r.offset) for r in recs),
+        lambda p: True,
+        10,
+        deadline,
+        5.0,
+    )
+    assert (total, folded) == (2, [(0, 1), (0, 2)])
+    assert consumer.polls[TP1] == 0
+
+
+async def test_a_silent_broker_stops_the_read_after_stall_s_naming_the_partitions() -> None:
+    consumer = SlowConsumer({TP0: [100, 200]}, silent_polls=None)
+    consumer.seek(TP0, 0)
+    deadline = _Deadline(5.0, consumer.clock)
+    with pytest.raises(LedgerStalled, match=r"nothing for 5s while \[0\] still had records"):
+        await _read_to_end(consumer, [TP0], lambda p, r: None, lambda p: True, 10, deadline, 5.0)  # type: ignore[arg-type]
     assert 5.0 < consumer.now < 5.1
