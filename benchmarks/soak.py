@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -225,6 +226,25 @@ def _usage_latency(port: int, requests: int = 48) -> tuple[float, float]:
     return statistics.median(lat) * 1000, lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000
 
 
+def _usage_requests(port: int) -> int:
+    """Requests counted by the live ``/usage`` over everything its day rows hold, page by
+    page (0 while the read model is not caught up: 503)."""
+    total, cursor = 0, ""
+    for _ in range(1000):  # pages of 10,000 rows: far beyond a month of day rows
+        try:
+            body = _get(port, f"/usage?window=1d&by=tenant&limit=10000{cursor}")[1]
+        except urllib.error.HTTPError as e:
+            if e.code == 503:
+                return 0
+            raise
+        page = json.loads(body)
+        total += sum(int(row["totals"]["requests"]) for row in page["rows"])
+        if not page.get("next_cursor"):
+            return total
+        cursor = f"&cursor={page['next_cursor']}"
+    raise RuntimeError("/usage returned more than 1000 pages of day rows")
+
+
 PROBE = Path(__file__).with_name("memprobe")
 
 
@@ -289,11 +309,12 @@ async def soak(
             usage_dedup_s=60,
             emitted_memory_s=60,
             max_lifetime_s=30,  # must stay below the emitted memory; one chunk each here
-            # the read model's periods likewise (they select what a restarted worker reads
-            # back by the records' real timestamps): 1-minute rows for 60 s, hour and day
-            # rows for 60 s; the exact totals are checked with `chunkstitch usage`
+            # the read model's 1-minute rows likewise (6 h of a real month; the period
+            # also selects what a restarted usage server reads back by the records' real
+            # timestamps). Its hour and day rows keep the default 35 days, as in
+            # production: they cover the whole simulated month, and the exact totals at
+            # the end are read from them (the live /usage), not from the whole topics
             usage_view_minutes_s=60,
-            usage_view_hours_s=60,
             usage_enabled=usage,
         )
         await create_topics(settings)
@@ -368,30 +389,7 @@ async def soak(
                 _print_row(row)
             total = phases * per_phase if not usage else 0
             for _ in range(60 if usage else 0):  # the usage agent may still be folding
-                cli = await asyncio.to_thread(
-                    subprocess.run,
-                    [
-                        sys.executable,
-                        "-m",
-                        "processor",
-                        "usage",
-                        "--json",
-                        "--window",
-                        "1d",
-                        "--by",
-                        "tenant",
-                        "--limit",
-                        "10000",
-                    ],
-                    env={**os.environ, **settings.to_env()},
-                    capture_output=True,
-                    text=True,
-                    timeout=300,
-                    check=True,
-                )
-                total = sum(
-                    json.loads(line)["totals"]["requests"] for line in cli.stdout.splitlines()
-                )
+                total = await asyncio.to_thread(_usage_requests, settings.usage_port)
                 if total >= phases * per_phase:
                     break
                 await asyncio.sleep(1)
