@@ -13,6 +13,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
+from processor._seek import POLL_MS, Deadline, offsets_at
 from processor.settings import Settings
 
 __all__ = [
@@ -28,14 +29,6 @@ __all__ = [
     "read_to_end",
     "unreachable_message",
 ]
-
-POLL_MS = 20
-"""How long one ``getmany`` of a read to a known end waits. aiokafka's ``getmany``
-returns when records arrive or its timeout expires, not when an empty fetch response
-comes back, so a partition with nothing (more) to read (an empty one, or one whose
-checkpoint is at its end: every restart) would cost the whole timeout; the readers poll
-at this interval instead and decide by the fetch's high watermark. Their stall timeouts
-are separate and measured in time without progress."""
 
 # The same words as the clients' BrokerUnavailable: one wording in every command.
 START_HINT = (
@@ -225,12 +218,14 @@ async def read_to_end(
     *,
     timeout_s: float = 30.0,
     start: Mapping[TopicPartition, int] | None = None,
+    since_ms: Mapping[TopicPartition, int] | None = None,
     on_records: Callable[[list[ConsumerRecord[bytes, bytes]]], Awaitable[None] | None]
     | None = None,
     on_progress: Callable[[ReadProgress], None] | None = None,
     progress_every_s: float = 5.0,
 ) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record of the given partitions, from the beginning (or ``start``) to the end.
+    """Every record of the given partitions, from the beginning (or ``start``, or the first
+    record written at or after ``since_ms``: :func:`processor._seek.offsets_at`) to the end.
 
     The end of each partition is its high watermark when the read reached it first, as
     the broker returns it in *fetch* responses: the embedded broker (Tansu) answers
@@ -257,9 +252,20 @@ async def read_to_end(
     )
     out: list[ConsumerRecord[bytes, bytes]] = []
     progress = ReadProgress(partitions=len(parts))
+
+    def stalled(what: str) -> TimeoutError:
+        return TimeoutError(
+            f"{what} made no progress for {timeout_s:.0f}s (after {progress.records} "
+            f"records); is the broker at {settings.broker} overloaded or unreachable?"
+        )
+
+    deadline = Deadline(timeout_s, stalled)
     try:
         consumer.assign(parts)
         starts = dict(start or {})
+        by_time = {tp: t for tp, t in (since_ms or {}).items() if tp not in starts}
+        if by_time:
+            starts.update(await offsets_at(consumer, by_time, deadline))
         from_beginning = [tp for tp in parts if tp not in starts]
         if from_beginning:
             await consumer.seek_to_beginning(*from_beginning)
@@ -267,15 +273,10 @@ async def read_to_end(
             consumer.seek(tp, max(offset, 0))
         remaining = set(parts)
         targets: dict[TopicPartition, int] = {}
-        began = last_progress = last_report = time.monotonic()
+        began = last_report = time.monotonic()
+        deadline.progress()
         while remaining:
-            now = time.monotonic()
-            if now - last_progress > timeout_s:
-                raise TimeoutError(
-                    f"reading {sorted(str(tp) for tp in remaining)} to its end made no "
-                    f"progress for {timeout_s:.0f}s (after {progress.records} records); "
-                    f"is the broker at {settings.broker} overloaded or unreachable?"
-                )
+            deadline.check(f"reading {sorted(str(tp) for tp in remaining)} to its end")
             batch: dict[Any, list[ConsumerRecord[bytes, bytes]]] = await consumer.getmany(
                 *remaining, timeout_ms=POLL_MS
             )
@@ -286,7 +287,7 @@ async def read_to_end(
                 if not records:
                     continue
                 progress.records += len(records)
-                last_progress = time.monotonic()
+                deadline.progress()
                 if on_records is not None:
                     pending = on_records(records)
                     if pending is not None:
@@ -301,7 +302,7 @@ async def read_to_end(
                 if await consumer.position(tp) >= target:
                     remaining.discard(tp)
                     progress.done += 1
-                    last_progress = time.monotonic()
+                    deadline.progress()
             behind = 0
             for tp in remaining:
                 if tp in targets:

@@ -42,6 +42,7 @@ from aiohttp import web
 
 from processor._malloc import start_trimming
 from processor._procs import terminate
+from processor._seek import Deadline, offsets_at
 from processor.logs import configure_logging, get_logger
 from processor.pricing import PRICE_DATA
 from processor.settings import Settings
@@ -202,19 +203,17 @@ class UsageService:
                 else self.view.hour_keep_ms
             )
             since[tp] = max(now - keep - min(keep, HOUR_MS), 0)
-        # The ends first: a rollup written between the two answers is then read, never
-        # skipped (asked the other way round, "nothing that new" followed by an end that
-        # already counts the new records dropped the first rollups of a starting worker).
-        # On the embedded broker the end is short of the true one: more is read, no less.
-        ends = await consumer.end_offsets(parts)
-        found = await consumer.offsets_for_times(since)
-        for tp in parts:
-            hit = found.get(tp)
-            if hit is None or hit.timestamp < 0:
-                # no record that new (the embedded broker says offset 0, timestamp -1)
-                consumer.seek(tp, ends[tp])
-            else:
-                consumer.seek(tp, hit.offset)
+        # offsets_at asks the ends first: a rollup written meanwhile is read, never
+        # skipped. The embedded broker answers offsets_for_times with the first offset,
+        # which the search corrects (before, a restarted view read the topics whole there).
+        stall = self.settings.usage_read_stall_s
+
+        def stalled(what: str) -> TimeoutError:
+            return TimeoutError(f"the broker returned nothing for {stall:.0f}s while {what}")
+
+        starts = await offsets_at(consumer, since, Deadline(stall, stalled))
+        for tp, offset in starts.items():
+            consumer.seek(tp, offset)
 
     async def _consume(self, stop: threading.Event) -> None:
         from aiokafka import AIOKafkaConsumer

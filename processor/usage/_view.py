@@ -548,24 +548,44 @@ def view_for(settings: Settings) -> UsageView:
     )
 
 
-def _partitions(settings: Settings) -> list[Any]:
+def _partitions(settings: Settings, topics: Iterable[str] | None = None) -> list[Any]:
     from aiokafka import TopicPartition
 
-    return [
-        TopicPartition(topic, p)
-        for topic in (settings.topic_rollups, settings.rollups_hourly_topic)
-        for p in range(settings.partitions)
-    ]
+    if topics is None:
+        topics = (settings.topic_rollups, settings.rollups_hourly_topic)
+    return [TopicPartition(topic, p) for topic in topics for p in range(settings.partitions)]
 
 
-async def load_view(settings: Settings) -> UsageView:
-    """A view of everything on the rollup topics now (``chunkstitch usage``: one read)."""
+def _read_since_ms(settings: Settings, window: str, since_ms: int) -> int:
+    """Rollup records of windows that end after ``since_ms`` were written after this
+    time: a window's rollups are published once it has begun, by an event time at most
+    ``usage_max_future_s`` ahead of the worker's clock (a later one is implausible and
+    counted late, under its own window), and a 1-day row sums the hours of its whole day."""
+    return max(since_ms - WINDOWS_MS[window] - int(settings.usage_max_future_s * 1000), 0)
+
+
+async def load_view(
+    settings: Settings, *, window: str | None = None, since_ms: int | None = None
+) -> UsageView:
+    """A view of what the rollup topics hold now (``chunkstitch usage``: one read).
+
+    With a ``window``, only the topic its rows come from (1m: the 1-minute topic; 1h and
+    1d: the hourly one); with a ``since_ms``, only the records written within that range
+    (:func:`_read_since_ms`; the start found by ``offsets_at``, never a read of the
+    retention). Without either, everything the two topics keep."""
     from processor.kafka import read_to_end
 
     view = UsageView(  # one-shot: whatever the topics keep, not the worker's periods
         minute_keep_ms=int(settings.retention_rollups_s * 1000),
         hour_keep_ms=int(settings.retention_rollups_hourly_s * 1000),
     )
+    topics = None
+    if window is not None:
+        topics = [settings.topic_rollups if window == "1m" else settings.rollups_hourly_topic]
+    parts = _partitions(settings, topics)
+    since = None
+    if since_ms is not None:
+        since = dict.fromkeys(parts, _read_since_ms(settings, window or "1d", since_ms))
 
     def fold(records: list[Any]) -> None:
         view.apply_records((r.key, r.value) for r in records)
@@ -580,8 +600,9 @@ async def load_view(settings: Settings) -> UsageView:
 
     await read_to_end(
         settings,
-        _partitions(settings),
+        parts,
         timeout_s=settings.usage_read_stall_s,
+        since_ms=since,
         on_records=fold,
         on_progress=progress,
     )
@@ -595,5 +616,5 @@ async def query_rollups(settings: Settings, params: Mapping[str, Any]) -> dict[s
     The data path of ``chunkstitch usage``: returns ``{"rows": [...], "next_cursor": ...}``
     and raises :class:`QueryError` (bad parameters) or ``BrokerUnreachable``."""
     query = UsageQuery.parse(params, limit_max=settings.usage_query_limit_max)
-    view = await load_view(settings)
+    view = await load_view(settings, window=query.window, since_ms=query.since_ms)
     return view.query(query)
