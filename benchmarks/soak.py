@@ -226,23 +226,37 @@ def _usage_latency(port: int, requests: int = 48) -> tuple[float, float]:
     return statistics.median(lat) * 1000, lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000
 
 
-def _usage_requests(port: int) -> int:
-    """Requests counted by the live ``/usage`` over everything its day rows hold, page by
-    page (0 while the read model is not caught up: 503)."""
-    total, cursor = 0, ""
+def _usage_by_day(port: int) -> dict[int, int]:
+    """Requests counted by the live ``/usage`` per day (window start), over everything
+    its day rows hold, page by page (empty while the read model is not caught up: 503)."""
+    out: dict[int, int] = {}
+    cursor = ""
     for _ in range(1000):  # pages of 10,000 rows: far beyond a month of day rows
         try:
             body = _get(port, f"/usage?window=1d&by=tenant&limit=10000{cursor}")[1]
         except urllib.error.HTTPError as e:
             if e.code == 503:
-                return 0
+                return {}
             raise
         page = json.loads(body)
-        total += sum(int(row["totals"]["requests"]) for row in page["rows"])
+        for row in page["rows"]:
+            day = int(row["key"]["window_start_ms"])
+            out[day] = out.get(day, 0) + int(row["totals"]["requests"])
         if not page.get("next_cursor"):
-            return total
+            return out
         cursor = f"&cursor={page['next_cursor']}"
     raise RuntimeError("/usage returned more than 1000 pages of day rows")
+
+
+def _published_by_day(total: int) -> dict[int, int]:
+    """Completions published per day of request time (as :func:`_records` spreads them)."""
+    out: dict[int, int] = {}
+    span = T_END - T_START
+    for i in range(total):
+        started = T_START + span * i // total
+        day = started // DAY_MS * DAY_MS
+        out[day] = out.get(day, 0) + 1
+    return out
 
 
 PROBE = Path(__file__).with_name("memprobe")
@@ -388,11 +402,22 @@ async def soak(
                 rows.append(row)
                 _print_row(row)
             total = phases * per_phase if not usage else 0
+            by_day: dict[int, int] = {}
             for _ in range(60 if usage else 0):  # the usage agent may still be folding
-                total = await asyncio.to_thread(_usage_requests, settings.usage_port)
+                by_day = await asyncio.to_thread(_usage_by_day, settings.usage_port)
+                total = sum(by_day.values())
                 if total >= phases * per_phase:
                     break
                 await asyncio.sleep(1)
+            if usage and total != phases * per_phase:
+                want_days = _published_by_day(phases * per_phase)
+                for day in sorted(set(want_days) | set(by_day)):
+                    if want_days.get(day, 0) != by_day.get(day, 0):
+                        print(
+                            f"  day {time.strftime('%Y-%m-%d', time.gmtime(day / 1000))}: "
+                            f"/usage {by_day.get(day, 0):,}, published {want_days.get(day, 0):,}",
+                            file=sys.stderr,
+                        )
             rollup_records = await _records_on(
                 broker.bootstrap, [settings.topic_rollups, settings.rollups_hourly_topic]
             )
@@ -454,6 +479,13 @@ def main(argv: list[str]) -> None:
         help="tracemalloc in the worker and its usage server; a memory report of each "
         "into DIR at the end of every phase (slower; RSS then includes tracemalloc's own)",
     )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="run in DIR and keep it (the worker's and the broker's logs) instead of a "
+        "temporary directory",
+    )
     args = parser.parse_args(argv)
     if args.memprofile is not None:
         args.memprofile.mkdir(parents=True, exist_ok=True)
@@ -466,7 +498,14 @@ def main(argv: list[str]) -> None:
     print(HEADER)
     print("|" + "---|" * 10)
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="cs-soak-") as tmp:
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        tmp = (
+            str(args.keep.resolve())
+            if args.keep is not None
+            else stack.enter_context(tempfile.TemporaryDirectory(prefix="cs-soak-"))
+        )
         rows = asyncio.run(
             soak(
                 args.completions,
