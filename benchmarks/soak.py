@@ -48,6 +48,8 @@ TENANTS = ("acme", "globex", "initech", "umbrella", "hooli")
 MODELS = ("gpt-4o-mini", "claude-sonnet", "llama-3-70b")
 T_END = int(time.time() * 1000) // DAY_MS * DAY_MS
 T_START = T_END - 30 * DAY_MS
+USAGE_STALL_S = 120
+"""The final check gives up when ``/usage`` has not grown for this long."""
 
 
 def _records(first: int, count: int, total: int) -> list[tuple[bytes, bytes, list[Any]]]:
@@ -259,6 +261,33 @@ def _published_by_day(total: int) -> dict[int, int]:
     return out
 
 
+async def _explain_mismatch(settings: Settings, published: int, by_day: dict[int, int]) -> None:
+    """The days where the live /usage differs from what was published, next to what the
+    hourly rollup topic itself says (one read of that topic, as ``chunkstitch usage
+    --window 1d`` makes): tells a view that missed rollups from rollups never written."""
+    from processor.usage import UsageQuery, load_view
+
+    topic_days: dict[int, int] | None = None
+    try:
+        view = await asyncio.wait_for(load_view(settings, window="1d"), 600)
+        page = view.query(UsageQuery.parse({"window": "1d", "by": "tenant", "limit": 10_000}))
+        topic_days = {}
+        for row in page["rows"]:
+            day = int(row["key"]["window_start_ms"])
+            topic_days[day] = topic_days.get(day, 0) + int(row["totals"]["requests"])
+    except Exception as exc:  # a diagnosis only: say why it is missing
+        print(f"  (the hourly topic could not be read: {exc})", file=sys.stderr)
+    want = _published_by_day(published)
+    for day in sorted(set(want) | set(by_day)):
+        if want.get(day, 0) != by_day.get(day, 0):
+            on_topic = "?" if topic_days is None else f"{topic_days.get(day, 0):,}"
+            print(
+                f"  day {time.strftime('%Y-%m-%d', time.gmtime(day / 1000))}: /usage "
+                f"{by_day.get(day, 0):,}, hourly topic {on_topic}, published {want.get(day, 0):,}",
+                file=sys.stderr,
+            )
+
+
 PROBE = Path(__file__).with_name("memprobe")
 
 
@@ -379,6 +408,11 @@ async def soak(
                     await asyncio.sleep(2.5)  # rollups published (every 1 s), view updated
                     p50, p99 = await asyncio.to_thread(_usage_latency, settings.usage_port)
                 gauges = _metrics(settings.web_port)
+                counted = (
+                    sum((await asyncio.to_thread(_usage_by_day, settings.usage_port)).values())
+                    if usage
+                    else want
+                )
                 if probe is not None:
                     await asyncio.to_thread(_probe, probe, f"phase{phase + 1:02d}")
                 children = _children(proc.pid)
@@ -398,32 +432,42 @@ async def soak(
                     "broker_cpu_s": _cpu_s(bpid) - broker_cpu0,
                     "worker_cpu_s": _tree_cpu_s(proc.pid),
                     "responses_records": outputs.records,
+                    "usage_behind": want - counted,
                 }
                 rows.append(row)
                 _print_row(row)
             total = phases * per_phase if not usage else 0
             by_day: dict[int, int] = {}
-            for _ in range(60 if usage else 0):  # the usage agent may still be folding
+            # The usage fold may still be catching up (after a restart it refolds what
+            # its last checkpoint had not reached): wait while /usage still grows, give
+            # up after USAGE_STALL_S without growth (no fixed limit the run outgrows).
+            waited, last_growth, last_total = time.monotonic(), time.monotonic(), -1
+            while usage:
                 by_day = await asyncio.to_thread(_usage_by_day, settings.usage_port)
                 total = sum(by_day.values())
-                if total >= phases * per_phase:
+                if total >= phases * per_phase or proc.poll() is not None:
                     break
-                await asyncio.sleep(1)
+                if total != last_total:
+                    last_total, last_growth = total, time.monotonic()
+                elif time.monotonic() - last_growth > USAGE_STALL_S:
+                    break
+                print(
+                    f"  usage: {total:,}/{phases * per_phase:,} counted on /usage, "
+                    f"{time.monotonic() - waited:.0f}s after the last phase",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                await asyncio.sleep(2)
+            usage_settle_s = time.monotonic() - waited
             if usage and total != phases * per_phase:
-                want_days = _published_by_day(phases * per_phase)
-                for day in sorted(set(want_days) | set(by_day)):
-                    if want_days.get(day, 0) != by_day.get(day, 0):
-                        print(
-                            f"  day {time.strftime('%Y-%m-%d', time.gmtime(day / 1000))}: "
-                            f"/usage {by_day.get(day, 0):,}, published {want_days.get(day, 0):,}",
-                            file=sys.stderr,
-                        )
+                await _explain_mismatch(settings, phases * per_phase, by_day)
             rollup_records = await _records_on(
                 broker.bootstrap, [settings.topic_rollups, settings.rollups_hourly_topic]
             )
             rows.append(
                 {
                     "usage_total": total,
+                    "usage_settle_s": usage_settle_s,
                     "published": phases * per_phase,
                     "rollup_records": rollup_records,
                 }
@@ -457,6 +501,7 @@ def _print_row(r: dict[str, Any]) -> None:
     print(
         f"    held: {r['open_buckets']:.0f} open usage buckets, {r['dedup_ids']:.0f} dedup ids, "
         f"{r['in_flight']:.0f} streams in flight; {r['late']:.0f} late completions so far; "
+        f"/usage {r['usage_behind']:,} completions behind the outputs; "
         f"RSS: worker {r['worker_own_rss_mb']:.0f} MB, its usage server "
         f"{r['usage_server_rss_mb']:.0f} MB",
         file=sys.stderr,
@@ -521,7 +566,8 @@ def main(argv: list[str]) -> None:
     print(
         f"/usage total requests {check['usage_total']:,} of {check['published']:,} published "
         f"({'exact' if check['usage_total'] == check['published'] else 'MISMATCH'}); "
-        f"{check['rollup_records']:,} rollup records on the two rollup topics"
+        f"{check['rollup_records']:,} rollup records on the two rollup topics; "
+        f"/usage settled {check['usage_settle_s']:.0f} s after the last phase"
     )
     if len(rows) >= 3:
         warm = rows[1]["worker_rss_mb"]
