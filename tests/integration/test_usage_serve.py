@@ -92,19 +92,27 @@ async def test_a_late_starting_usage_server_reads_the_rollups_already_written(
 
 
 class _WritesWhileAsked:
-    """A real consumer whose ``offsets_for_times`` answer is followed by new rollups
-    before the caller goes on: the interleaving of a worker's first publish with its
-    usage server's start."""
+    """A real consumer whose answers to the start search (the partitions' ends, then the
+    times) are each followed by new rollups before the caller goes on: the interleaving
+    of a worker's first publish with its usage server's start."""
 
     def __init__(self, consumer: AIOKafkaConsumer, write: Any) -> None:
         self._consumer = consumer
         self._write = write
+        self.asked: list[str] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._consumer, name)
 
+    async def end_offsets(self, parts: list[Any]) -> Any:
+        answer = await self._consumer.end_offsets(parts)
+        self.asked.append("end_offsets")
+        await self._write()
+        return answer
+
     async def offsets_for_times(self, since: dict[Any, int]) -> Any:
         answer = await self._consumer.offsets_for_times(since)
+        self.asked.append("offsets_for_times")
         await self._write()
         return answer
 
@@ -133,20 +141,22 @@ async def test_rollups_written_while_the_view_seeks_are_read(broker: str, tmp_pa
         parts = _partitions(settings)
         consumer.assign(parts)
         service = UsageService(settings)
-        await service._seek_to_period(_WritesWhileAsked(consumer, write), parts)
+        racing = _WritesWhileAsked(consumer, write)
+        await service._seek_to_period(racing, parts)
+        assert racing.asked, "the start search asked the broker nothing: the race is untested"
         view = service.view
         for _ in range(50):
             batch = await consumer.getmany(timeout_ms=200)
             for records in batch.values():
                 view.apply_records((r.key, r.value) for r in records)
-            if view.records >= 3:
+            if view.records >= 3 * len(racing.asked):
                 break
     finally:
         await consumer.stop()
         await producer.stop()
     query = UsageQuery.parse({"window": "1m", "by": "tenant"})
     got = {r["key"]["tenant"]: r["totals"]["requests"] for r in view.query(query)["rows"]}
-    assert got == {"a": 1, "b": 2, "c": 3}
+    assert got == {"a": 1, "b": 2, "c": 3}  # each write re-publishes the same totals
 
 
 def _niceness(pid: int) -> set[int]:
