@@ -10,27 +10,10 @@ from pathlib import Path
 from aiokafka import AIOKafkaProducer
 
 from processor.usage import UsageQuery, load_view, query_rollups
+from tests.helpers.rollups import rollup
 from tests.helpers.worker import isolated_settings, make_topics
-from topics import UsageKey, UsageRollup, UsageTotals
 
 MINUTE_MS, HOUR_MS, DAY_MS = 60_000, 3_600_000, 86_400_000
-
-
-def _rollup(start_ms: int, size_ms: int, tenant: str, requests: int) -> UsageRollup:
-    key = UsageKey(
-        window_start_ms=start_ms,
-        window_ms=size_ms,
-        tenant=tenant,
-        model="m",
-        provider="p",
-        status="complete",
-    )
-    return UsageRollup(
-        key=key,
-        source_partition=0,
-        as_of_offset=requests,
-        totals=UsageTotals(requests=requests, complete=requests),
-    )
 
 
 async def test_a_query_reads_its_windows_topic_and_since_only_the_recent_records(
@@ -41,29 +24,28 @@ async def test_a_query_reads_its_windows_topic_and_since_only_the_recent_records
     now = int(time.time() * 1000)
     old_ts = now - 3 * DAY_MS  # written three days ago, about windows of that time
     old = [  # many, so that the start is found by bisection, not by reading them
-        (t, s, _rollup(old_ts // s * s - i * s, s, f"old{i % 3}", 1 + i))
+        (t, old_ts // s * s - i * s, s, f"old{i % 3}", 1 + i)
         for i in range(150)
         for t, s in ((settings.topic_rollups, MINUTE_MS), (settings.rollups_hourly_topic, HOUR_MS))
     ]
     recent_hour = (now - 30 * 60_000) // HOUR_MS * HOUR_MS
     recent_minute = (now - 10 * 60_000) // MINUTE_MS * MINUTE_MS
     recent = [
-        (settings.topic_rollups, MINUTE_MS, _rollup(recent_minute, MINUTE_MS, "new", 5)),
-        (settings.topic_rollups, MINUTE_MS, _rollup(recent_minute, MINUTE_MS, "new", 7)),
-        (settings.rollups_hourly_topic, HOUR_MS, _rollup(recent_hour, HOUR_MS, "new", 7)),
+        (settings.topic_rollups, recent_minute, MINUTE_MS, "new", 5),
+        (settings.topic_rollups, recent_minute, MINUTE_MS, "new", 7),
+        (settings.rollups_hourly_topic, recent_hour, HOUR_MS, "new", 7),
     ]
     producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all")
     await producer.start()
     try:
         for batch, ts in ((old, old_ts), (recent, now)):
-            for i, (topic, _, rollup) in enumerate(batch):
+            for i, (topic, start, size, tenant, requests) in enumerate(batch):
                 for p in range(settings.partitions):
+                    key, value = rollup(start, requests, tenant=tenant, size=size, partition=p)
                     await producer.send_and_wait(
                         topic,
-                        rollup.model_copy(update={"source_partition": p})
-                        .model_dump_json()
-                        .encode(),
-                        key=rollup.key.record_key(p).encode(),
+                        value.model_dump_json().encode(),
+                        key=key.encode(),
                         partition=p,
                         timestamp_ms=ts + i,
                     )
