@@ -228,6 +228,14 @@ def _usage_latency(port: int, requests: int = 48) -> tuple[float, float]:
     return statistics.median(lat) * 1000, lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000
 
 
+def _add_by_day(out: dict[int, int], rows: list[dict[str, Any]]) -> dict[int, int]:
+    """Add the requests of usage day rows (any grouping) to ``out`` by day; returns it."""
+    for row in rows:
+        day = int(row["key"]["window_start_ms"])
+        out[day] = out.get(day, 0) + int(row["totals"]["requests"])
+    return out
+
+
 def _usage_by_day(port: int) -> dict[int, int]:
     """Requests counted by the live ``/usage`` per day (window start), over everything
     its day rows hold, page by page (empty while the read model is not caught up: 503)."""
@@ -241,9 +249,7 @@ def _usage_by_day(port: int) -> dict[int, int]:
                 return {}
             raise
         page = json.loads(body)
-        for row in page["rows"]:
-            day = int(row["key"]["window_start_ms"])
-            out[day] = out.get(day, 0) + int(row["totals"]["requests"])
+        _add_by_day(out, page["rows"])
         if not page.get("next_cursor"):
             return out
         cursor = f"&cursor={page['next_cursor']}"
@@ -271,10 +277,7 @@ async def _explain_mismatch(settings: Settings, published: int, by_day: dict[int
     try:
         view = await asyncio.wait_for(load_view(settings, window="1d"), 600)
         page = view.query(UsageQuery.parse({"window": "1d", "by": "tenant", "limit": 10_000}))
-        topic_days = {}
-        for row in page["rows"]:
-            day = int(row["key"]["window_start_ms"])
-            topic_days[day] = topic_days.get(day, 0) + int(row["totals"]["requests"])
+        topic_days = _add_by_day({}, page["rows"])
     except Exception as exc:  # a diagnosis only: say why it is missing
         print(f"  (the hourly topic could not be read: {exc})", file=sys.stderr)
     want = _published_by_day(published)
